@@ -1,0 +1,232 @@
+"""The ``pyrovae`` command line: ``pyrovae train ...`` (more subcommands register themselves here)."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+
+from . import __version__
+from .data import BINARIZE, DATASETS
+from .errors import NonFiniteLoss, PyrovaeError
+from .infer import ESTIMATORS
+from .likelihoods import LIKELIHOODS
+from .nets import ACTIVATIONS, PRESETS
+from .runs import DEFAULTS, build_model, load_splits, read_config, resolve_device
+from .train import LR_SCHEDULES, fit
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _hidden(text: str) -> str:
+    parts = text.split(",")
+    if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive sizes like 200,200, got {text!r}")
+    return text
+
+
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=[*DATASETS, "synthetic"], help="dataset name (default fashion-mnist)")
+    g.add_argument(
+        "--data-dir", help="folder holding the dataset files (the four MNIST-format idx files, gzipped or not)"
+    )
+    g.add_argument("--root", help="torchvision root: looked in after $PYROVAE_DATA, downloaded into with --download")
+    g.add_argument("--download", action="store_true", default=None, help="download with torchvision if not found")
+    g.add_argument(
+        "--binarize",
+        choices=BINARIZE,
+        help="none: x/255; dynamic: fresh Bernoulli draws per batch; fixed: threshold 0.5 (default dynamic)",
+    )
+    g.add_argument(
+        "--dequantize", action="store_true", default=None, help="x = (pixel + U(0,1))/256 (with --binarize none)"
+    )
+    g.add_argument("--val-size", type=int, help="validation images held out of the training set, seeded (default 5000)")
+    g.add_argument("--train-size", type=_positive_int, help="use only the first N training images")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pyrovae", description="Variational autoencoders as Pyro programs.")
+    parser.add_argument("--version", action="version", version=f"pyrovae {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser(
+        "train", help="train a VAE", description="Train a VAE; writes OUT/metrics.csv, config.json, checkpoint.pt."
+    )
+    add_data_options(t)
+    g = t.add_argument_group("model")
+    g.add_argument("--likelihood", choices=list(LIKELIHOODS), help="decoder likelihood p(x|z) (default bernoulli)")
+    g.add_argument(
+        "--sigma", type=_positive_float, help="standard deviation of the fixed-σ gaussian likelihood (default 0.1)"
+    )
+    g.add_argument(
+        "--allow-nonbinary",
+        action="store_true",
+        default=None,
+        help="let bernoulli see non-binary pixels (cross-entropy)",
+    )
+    g.add_argument(
+        "--arch",
+        choices=list(PRESETS),
+        help="network preset: iwae (200-200 tanh, z=50), pyro-example (400 softplus, z=50), conv (default iwae)",
+    )
+    g.add_argument("--z-dim", type=_positive_int, help="latent dimension (overrides the preset)")
+    g.add_argument(
+        "--hidden", type=_hidden, help="hidden sizes, e.g. 400,200 (MLP) or conv channels (overrides the preset)"
+    )
+    g.add_argument("--activation", choices=list(ACTIVATIONS), help="hidden activation (overrides the preset)")
+    g = t.add_argument_group("objective and optimiser")
+    g.add_argument(
+        "--elbo",
+        choices=list(ESTIMATORS),
+        help="estimator: trace (MC KL), meanfield (analytic KL), iwae, renyi, tracegraph (default meanfield)",
+    )
+    g.add_argument(
+        "--particles", type=_positive_int, help="K samples per datapoint, vectorised (default 1; 5 for iwae/renyi)"
+    )
+    g.add_argument("--alpha", type=float, help="α of the renyi bound (0 = iwae)")
+    g.add_argument(
+        "--epochs", type=_positive_int, help="epochs in total (default 10; with --resume, may extend the run)"
+    )
+    g.add_argument("--batch-size", type=_positive_int, help="minibatch size (default 100)")
+    g.add_argument("--lr", type=_positive_float, help="Adam learning rate (default 1e-3)")
+    g.add_argument("--clip-norm", type=_positive_float, help="clip the gradient's global norm to this")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="per-epoch learning-rate schedule (default none)")
+    g.add_argument(
+        "--lr-gamma", type=_positive_float, help="decay per epoch of the exponential schedule (default 0.95)"
+    )
+    g.add_argument(
+        "--warmup-epochs", type=float, help="KL warm-up: β rises linearly to 1 over this many epochs (default 0)"
+    )
+    g = t.add_argument_group("run")
+    g.add_argument("--device", help="auto, cpu or cuda (default auto)")
+    g.add_argument("--seed", type=int, help="seed for initialisation, batching and sampling (default 0)")
+    g.add_argument("--out", default="runs/latest", help="run folder (default runs/latest)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    g.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    t.set_defaults(func=cmd_train)
+    for register in EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+EXTRA_COMMANDS: list = []  # subcommands from other modules: functions that add a parser to ``sub``
+
+
+def train_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's config: saved settings on --resume, then the options given, then the defaults."""
+    given = {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}
+    base = read_config(args.out) if args.resume else dict(DEFAULTS)
+    if args.resume:
+        changed = {k for k, v in given.items() if k not in ("epochs", "device") and v != base.get(k)}
+        if changed:
+            raise PyrovaeError(
+                f"--resume continues the saved run; these options differ from it: {', '.join(sorted(changed))}"
+            )
+    return {**base, **given}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if args.resume and args.overwrite:
+        raise PyrovaeError("--resume and --overwrite exclude each other")
+    if not args.resume and (out / "checkpoint.pt").exists() and not args.overwrite:
+        raise PyrovaeError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    cfg = train_config(args)
+    if cfg["elbo"] == "renyi" and cfg["alpha"] is None:
+        raise PyrovaeError("--elbo renyi needs --alpha (e.g. 0.5)")
+    device = resolve_device(cfg["device"])
+    pyro.set_rng_seed(cfg["seed"])
+    splits = load_splits(cfg, device)
+    vae = build_model(cfg, splits)
+    if args.overwrite and out.exists():
+        for name in ("checkpoint.pt", "metrics.csv", "config.json"):
+            (out / name).unlink(missing_ok=True)
+    record = {
+        **cfg,
+        "data_source": splits.source,
+        "n_train": len(splits.train),
+        "n_val": len(splits.val),
+        "versions": {
+            "pyrovae": __version__,
+            "pyro": pyro.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+    }
+    result = fit(
+        vae.model,
+        vae.guide,
+        splits.train,
+        elbo=cfg["elbo"],
+        particles=cfg["particles"],
+        alpha=cfg["alpha"],
+        epochs=cfg["epochs"],
+        batch_size=cfg["batch_size"],
+        lr=cfg["lr"],
+        clip_norm=cfg["clip_norm"],
+        lr_schedule=cfg["lr_schedule"],
+        lr_gamma=cfg["lr_gamma"],
+        warmup_epochs=cfg["warmup_epochs"],
+        val_data=splits.val,
+        out=out,
+        resume=args.resume,
+        seed=None if args.resume else cfg["seed"],
+        config=record,
+        quiet=args.quiet,
+    )
+    if result.interrupted:
+        print(
+            f"interrupted: checkpoint saved in {out}; continue with: pyrovae train --out {out} --resume",
+            file=sys.stderr,
+        )
+        return 130
+    last = result.history[-1]
+    print(f"done: {result.epochs_done} epochs, val ELBO {last['val_elbo']:.2f} nats/image; run folder {out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except PyrovaeError as exc:
+        sys.stderr.write(f"pyrovae {args.command}: error: {exc}\n")
+        return 1 if isinstance(exc, NonFiniteLoss) else 2
+    except KeyboardInterrupt:
+        sys.stderr.write("pyrovae: interrupted\n")
+        return 130

