@@ -97,8 +97,7 @@ class RenyiBound(ELBO):
             log_ws.append(log_w)
         if vectorized:
             log_w = log_ws[0]
-            particle_dim = log_w.dim() - self.max_plate_nesting - 1
-            log_w = log_w.movedim(particle_dim, 0)
+            log_w = log_w.movedim(-self.max_plate_nesting, 0)  # Pyro's particle plate sits at this dim
         else:
             log_w = torch.stack(log_ws)
         a = 1.0 - self.alpha
