@@ -195,6 +195,7 @@ def fit(
     config: dict | None = None,
     quiet: bool = False,
     max_steps: int | None = None,
+    validate: bool = False,
     callback: Callable[[dict[str, float]], None] | None = None,
 ) -> FitResult:
     """Train ``model``/``guide`` (any Pyro programs) on ``data`` by maximising an ELBO.
@@ -204,6 +205,7 @@ def fit(
     ``metrics.csv``, ``config.json`` and an atomic ``checkpoint.pt`` each epoch, and ``resume``
     continues from it. The param store is cleared first so that stale parameters cannot leak in.
     ``max_steps`` stops (checkpoint saved, as on Ctrl-C) after that many steps of this call.
+    Pyro's validation (shapes, supports) checks the first step; ``validate`` keeps it on for all.
     """
     data = TensorData(data) if isinstance(data, torch.Tensor) else data
     val_data = TensorData(val_data) if isinstance(val_data, torch.Tensor) else val_data
@@ -292,7 +294,7 @@ def fit(
         unit="step",
         dynamic_ncols=True,
     )
-    with _StopFlag() as stop, bar:
+    with _StopFlag() as stop, bar, pyro.validation_enabled(validate):
         for epoch in range(start_epoch, epochs):
             beta = warmup_beta(epoch, warmup_epochs)
             t0 = time.perf_counter()

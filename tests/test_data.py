@@ -31,7 +31,7 @@ def test_idx_folder_round_trip_and_nothing_written(tmp_path, gz, monkeypatch):
 
 def test_lookup_order_data_dir_then_env_then_root(tmp_path, monkeypatch):
     a = write_idx_folder(synthetic(n_train=10, n_test=5, seed=1), tmp_path / "a")
-    b = write_idx_folder(synthetic(n_train=12, n_test=5, seed=2), tmp_path / "b" / "FashionMNIST" / "raw")
+    write_idx_folder(synthetic(n_train=12, n_test=5, seed=2), tmp_path / "b" / "FashionMNIST" / "raw")
     monkeypatch.setenv("PYROVAE_DATA", str(tmp_path / "b"))  # torchvision-style root layout
     assert len(load_dataset("fashion-mnist", data_dir=a).train_x) == 10
     assert len(load_dataset("fashion-mnist").train_x) == 12

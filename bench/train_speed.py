@@ -1,0 +1,87 @@
+"""Seconds per training epoch: pyrovae's fit (a Pyro model/guide) vs the hand-written PyTorch loop.
+
+Both sides run in this one process, interleaved (pyrovae, plain, pyrovae, plain, ...), on the same
+device-resident data with the same networks; the table gives the median and range over repeats and
+the ratio of medians. Validation is excluded from both timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import append_results, markdown_table  # noqa: E402
+from plain_vae import plain_epoch  # noqa: E402
+
+from pyrovae import Pixels, build_vae, fit, load_dataset, make_splits, synthetic  # noqa: E402
+from pyrovae.runs import resolve_device  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--arch", default=["iwae"], nargs="+")
+    p.add_argument("--elbo", default=["meanfield"], nargs="+", choices=["trace", "meanfield", "iwae"])
+    p.add_argument("--batch-size", type=int, default=[100], nargs="+")
+    p.add_argument("--particles", type=int, default=5, help="K for iwae")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--train-size", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    device = resolve_device(args.device)
+    raw = synthetic(n_train=6000) if args.dataset == "synthetic" else load_dataset(args.dataset, args.data_dir)
+    splits = make_splits(
+        raw, Pixels("dynamic"), device, val_size=5000 if args.train_size is None else 0, train_size=args.train_size
+    )
+    archs = [args.arch] if isinstance(args.arch, str) else args.arch
+    rows = []
+    for arch in archs:
+        for elbo in args.elbo:
+            for bs in args.batch_size:
+                k = args.particles if elbo == "iwae" else 1
+                times = {"pyrovae": [], "plain": []}
+                torch.manual_seed(0)
+                ours = build_vae(splits.train.shape, "bernoulli", arch, splits.train_pixel_mean.cpu()).to(device)
+                theirs = build_vae(splits.train.shape, "bernoulli", arch, splits.train_pixel_mean.cpu()).to(device)
+                opt = torch.optim.Adam(theirs.parameters(), lr=1e-3, foreach=True)
+                for _ in range(args.repeats):
+                    res = fit(
+                        ours.model,
+                        ours.guide,
+                        splits.train,
+                        elbo=elbo,
+                        particles=k,
+                        epochs=1,
+                        batch_size=bs,
+                        quiet=True,
+                    )
+                    times["pyrovae"].append(res.history[0]["seconds"])
+                    t0 = time.perf_counter()
+                    total = plain_epoch(theirs, splits.train, opt, bs, elbo, k)
+                    float(total)  # waits for the device
+                    times["plain"].append(time.perf_counter() - t0)
+                med = {s: statistics.median(t) for s, t in times.items()}
+                rows.append(
+                    [arch, elbo + (f" K={k}" if k > 1 else ""), bs, len(splits.train)]
+                    + [f"{med[s]:.2f} ({min(times[s]):.2f}–{max(times[s]):.2f})" for s in ("pyrovae", "plain")]
+                    + [f"{med['pyrovae'] / med['plain']:.3f}"]
+                )
+                print(rows[-1], flush=True)
+    header = ["arch", "ELBO", "batch", "N train", "pyrovae s/epoch (range)", "plain PyTorch s/epoch (range)", "ratio"]
+    append_results(
+        f"Epoch time: pyrovae vs hand-written PyTorch ({args.dataset}, {device.type})",
+        markdown_table(header, rows),
+        "python bench/train_speed.py " + " ".join(sys.argv[1:]),
+        f"Median of {args.repeats} interleaved repeats; validation excluded from both.",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""The examples run end to end (on small synthetic data) and learn something."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_example(tmp_path):
+    test_elbo = load("train_fashion_mnist").main(["--dataset", "synthetic", "--epochs", "2", "--out", str(tmp_path)])
+    assert -600 < test_elbo < 0 and (tmp_path / "checkpoint.pt").exists()
+
+
+def test_user_written_two_layer_model_trains():
+    mod = load("two_layer_vae")
+    one = mod.main(["--dataset", "synthetic", "--epochs", "1"])
+    four = mod.main(["--dataset", "synthetic", "--epochs", "6"])
+    assert four > one  # more training, a better ELBO (the gap here is tens of nats, MC error < 1)
+
+
+@pytest.mark.parametrize("elbos", [["trace", "meanfield", "iwae"]])
+def test_compare_elbos_example(elbos):
+    results = load("compare_elbos").main(["--dataset", "synthetic", "--epochs", "1", "--elbos", *elbos])
+    assert set(results) == set(elbos) and all(-600 < v < 0 for v in results.values())
