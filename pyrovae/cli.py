@@ -1,8 +1,9 @@
-"""The ``pyrovae`` command line: ``pyrovae train ...`` (more subcommands register themselves here)."""
+"""The ``pyrovae`` command line: ``train`` here; other subcommands come from their modules' ``register_cli``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import platform
 import sys
 from collections.abc import Sequence
@@ -137,13 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     g.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    g.add_argument(
+        "--eval-k", type=_positive_int, help="after training, run 'pyrovae evaluate' with K importance samples"
+    )
     t.set_defaults(func=cmd_train)
-    for register in EXTRA_COMMANDS:
-        register(sub)
+    for module in SUBCOMMAND_MODULES:
+        importlib.import_module(f".{module}", __package__).register_cli(sub)
     return parser
 
 
-EXTRA_COMMANDS: list = []  # subcommands from other modules: functions that add a parser to ``sub``
+SUBCOMMAND_MODULES = ("evaluate",)  # modules whose register_cli(sub) adds their subcommand
 
 
 def train_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -216,6 +220,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 130
     last = result.history[-1]
     print(f"done: {result.epochs_done} epochs, val ELBO {last['val_elbo']:.2f} nats/image; run folder {out}")
+    if getattr(args, "eval_k", None):
+        from .evaluate import evaluate_run
+
+        s = evaluate_run(out, k=args.eval_k, device=cfg["device"], quiet=args.quiet)
+        print(f"test log p(x) {s['log_likelihood']:.2f} nats/image (K={args.eval_k}); see {out / 'eval.md'}")
     return 0
 
 
