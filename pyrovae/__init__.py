@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from .data import ImageData, Pixels, TensorData, load_dataset, make_splits, synthetic  # noqa: E402
 from .errors import PyrovaeError  # noqa: E402
+from .gmm import GMM, kmeans_pp  # noqa: E402
 from .infer import ESTIMATORS, RenyiBound, make_elbo  # noqa: E402
 from .likelihoods import LIKELIHOODS, make_likelihood  # noqa: E402
 from .models import VAE, build_vae  # noqa: E402
@@ -13,6 +14,7 @@ __all__ = [
     "ESTIMATORS",
     "LIKELIHOODS",
     "FitResult",
+    "GMM",
     "ImageData",
     "Pixels",
     "PyrovaeError",
@@ -22,6 +24,7 @@ __all__ = [
     "build_vae",
     "evaluate_elbo",
     "fit",
+    "kmeans_pp",
     "load_dataset",
     "make_elbo",
     "make_likelihood",

@@ -31,7 +31,7 @@ from typing import Any
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.infer import ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
 from .data import Dataset, TensorData
@@ -110,16 +110,18 @@ def _set_rng_state(state: dict) -> None:
 def evaluate_elbo(
     model: Callable, guide: Callable, data: Dataset, elbo: ELBO | None = None, batch_size: int = 1000
 ) -> float:
-    """Mean ELBO per datapoint over a dataset, in nats (analytic KL where available by default)."""
+    """Mean ELBO per datapoint over a dataset, in nats (analytic KL where available by default).
+
+    Uses the estimator's ``loss`` (TraceEnum_ELBO's differentiable loss refuses to run without grad).
+    """
     elbo = elbo or TraceMeanField_ELBO()
     n = len(data)
     device = _device_of(data)
-    total = torch.zeros((), device=device)
+    total = 0.0
     for start in range(0, n, batch_size):
         idx = torch.arange(start, min(start + batch_size, n), device=device)
-        args = _as_args(data.batch(idx))
-        total += elbo.differentiable_loss(model, guide, *args, num_data=n).detach() * (len(idx) / n)
-    return -float(total) / n
+        total += elbo.loss(model, guide, *_as_args(data.batch(idx)), num_data=n) * (len(idx) / n)
+    return -total / n
 
 
 def _device_of(data: Dataset) -> torch.device:
@@ -225,7 +227,8 @@ def fit(
     if seed is not None:
         pyro.set_rng_seed(seed)
     differentiable = hasattr(estimator, "differentiable_loss")
-    val_estimator = val_elbo or TraceMeanField_ELBO()
+    # the validation ELBO: analytic KL where available; an enumerating estimator must enumerate there too
+    val_estimator = val_elbo or (estimator if isinstance(estimator, TraceEnum_ELBO) else TraceMeanField_ELBO())
 
     def loss_of(args: tuple[torch.Tensor, ...], beta: float) -> torch.Tensor:
         with LatentScale(beta) if beta != 1.0 else nullcontext():
