@@ -1,4 +1,4 @@
-# `make demo` trains the main job; `make test` runs lint and the test suite. Both create .venv first.
+# `make demo` runs the main job (VAE vs mixture on Fashion-MNIST); `make test` runs lint and the test suite. Both create .venv first.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -16,8 +16,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 demo: venv
-	$(BIN)/pyrovae train --dataset fashion-mnist --download --likelihood bernoulli --binarize dynamic \
-		--elbo meanfield --arch iwae --epochs 10 --batch-size 100 --lr 1e-3 --out runs/demo --overwrite
+	$(BIN)/pyrovae compare --dataset fashion-mnist --download --representation binary --epochs 10 \
+		--gmm-k 10 --k 1000 --n 2000 --out runs/demo --overwrite
 
 test: venv
 	$(BIN)/ruff check pyrovae tests bench examples

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import pyro
-import torch
 
 from . import __version__
 from .data import BINARIZE, DATASETS
@@ -19,8 +15,8 @@ from .errors import NonFiniteLoss, PyrovaeError
 from .infer import ESTIMATORS
 from .likelihoods import LIKELIHOODS
 from .nets import ACTIVATIONS, PRESETS
-from .runs import DEFAULTS, build_model, load_splits, read_config, resolve_device
-from .train import LR_SCHEDULES, fit
+from .runs import DEFAULTS, read_config, train_vae
+from .train import LR_SCHEDULES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -147,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SUBCOMMAND_MODULES = ("evaluate",)  # modules whose register_cli(sub) adds their subcommand
+SUBCOMMAND_MODULES = ("evaluate", "compare")  # modules whose register_cli(sub) adds their subcommand
 
 
 def train_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -172,46 +168,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = train_config(args)
     if cfg["elbo"] == "renyi" and cfg["alpha"] is None:
         raise PyrovaeError("--elbo renyi needs --alpha (e.g. 0.5)")
-    device = resolve_device(cfg["device"])
-    pyro.set_rng_seed(cfg["seed"])
-    splits = load_splits(cfg, device)
-    vae = build_model(cfg, splits)
     if args.overwrite and out.exists():
         for name in ("checkpoint.pt", "metrics.csv", "config.json"):
             (out / name).unlink(missing_ok=True)
-    record = {
-        **cfg,
-        "data_source": splits.source,
-        "n_train": len(splits.train),
-        "n_val": len(splits.val),
-        "versions": {
-            "pyrovae": __version__,
-            "pyro": pyro.__version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
-    }
-    result = fit(
-        vae.model,
-        vae.guide,
-        splits.train,
-        elbo=cfg["elbo"],
-        particles=cfg["particles"],
-        alpha=cfg["alpha"],
-        epochs=cfg["epochs"],
-        batch_size=cfg["batch_size"],
-        lr=cfg["lr"],
-        clip_norm=cfg["clip_norm"],
-        lr_schedule=cfg["lr_schedule"],
-        lr_gamma=cfg["lr_gamma"],
-        warmup_epochs=cfg["warmup_epochs"],
-        val_data=splits.val,
-        out=out,
-        resume=args.resume,
-        seed=None if args.resume else cfg["seed"],
-        config=record,
-        quiet=args.quiet,
-    )
+    _, _, result = train_vae(cfg, out, resume=args.resume, quiet=args.quiet)
     if result.interrupted:
         print(
             f"interrupted: checkpoint saved in {out}; continue with: pyrovae train --out {out} --resume",

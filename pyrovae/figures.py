@@ -53,9 +53,10 @@ def interpolations(vae: VAE, x: torch.Tensor, path: Path, pairs: int = 4, steps:
     return path
 
 
-def latent_scatter(z_mean: torch.Tensor, labels: torch.Tensor | None, path: Path) -> Path:
+def latent_scatter(z_mean: torch.Tensor, labels: torch.Tensor | None, path: Path, colour_label: str = "label") -> Path:
     """Posterior means in 2-D (the first two principal components when z has more than two dims)."""
-    z = z_mean.double()
+    z = z_mean.detach().cpu().double()
+    labels = torch.as_tensor(labels).cpu() if labels is not None else None
     title = "posterior means"
     if z.shape[1] > 2:
         centred = z - z.mean(0)
@@ -68,7 +69,7 @@ def latent_scatter(z_mean: torch.Tensor, labels: torch.Tensor | None, path: Path
     colour = labels.numpy() if labels is not None else None
     points = ax.scatter(z[:, 0].numpy(), z[:, 1].numpy(), c=colour, cmap="tab10", s=4, alpha=0.7)
     if labels is not None:
-        fig.colorbar(points, ax=ax, label="label")
+        fig.colorbar(points, ax=ax, label=colour_label)
     ax.set_title(title)
     ax.set_xlabel("z1" if z_mean.shape[1] <= 2 else "PC1")
     ax.set_ylabel("z2" if z_mean.shape[1] <= 2 else "PC2")
@@ -139,3 +140,23 @@ def make_figures(
         khat_plot(khat, run_dir / "khat.png"),
     ]
     return [p for p in paths if p is not None]
+
+
+def compare_figures(vae: VAE, gmm, x: torch.Tensor, z_test: torch.Tensor, clusters, out: Path) -> list[str]:
+    """For ``pyrovae compare``: samples of both models side by side, mixture means, latents by cluster."""
+    out = Path(out)
+    n = 32
+    with torch.no_grad():
+        vae_samples = vae.sample(n, x).clamp(0, 1).cpu()
+        gmm_samples = gmm.sample(n, torch.Generator(device=x.device).manual_seed(0)).reshape(n, *x.shape[1:])
+    gmm_samples = gmm_samples.clamp(0, 1).cpu()
+    gap = torch.ones(8, *x.shape[1:])
+    # 4 rows of 8 VAE samples | a blank column | 4 rows of 8 mixture samples, as one 17-wide grid
+    rows = []
+    for r in range(4):
+        rows += [vae_samples[8 * r : 8 * r + 8], gap[:1], gmm_samples[8 * r : 8 * r + 8]]
+    save_image(torch.cat(rows), out / "samples_vae_vs_mixture.png", nrow=17, padding=1)
+    means = gmm.means.reshape(gmm.k, *x.shape[1:]).clamp(0, 1).cpu()
+    save_image(means, out / "mixture_means.png", nrow=min(10, gmm.k), padding=1)
+    latent_scatter(z_test, torch.as_tensor(clusters), out / "latents_by_cluster.png", "latent-GMM cluster")
+    return [str(out / f) for f in ("samples_vae_vs_mixture.png", "mixture_means.png", "latents_by_cluster.png")]

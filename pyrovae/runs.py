@@ -7,6 +7,7 @@ needed to rebuild the run lives there, so ``evaluate`` and ``--resume`` need not
 from __future__ import annotations
 
 import json
+import platform
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -107,23 +108,69 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
         raise PyrovaeError(f"{path} is not valid JSON: {exc}") from None
 
 
-def load_run(run_dir: str | Path, device: str = "auto") -> tuple[dict[str, Any], Splits, VAE]:
-    """Rebuild a trained run: its config, its data splits and its VAE with the checkpoint's parameters."""
+def train_vae(cfg: dict[str, Any], out: str | Path, *, resume: bool = False, quiet: bool = False):
+    """Train (or resume) the VAE a config describes into run folder ``out``; returns (splits, vae, FitResult)."""
+    from . import __version__
+    from .train import fit
+
+    if cfg["elbo"] == "renyi" and cfg["alpha"] is None:
+        raise PyrovaeError("--elbo renyi needs --alpha (e.g. 0.5)")
+    device = resolve_device(cfg["device"])
+    pyro.set_rng_seed(cfg["seed"])
+    splits = load_splits(cfg, device)
+    vae = build_model(cfg, splits)
+    versions = {"pyrovae": __version__, "pyro": pyro.__version__, "torch": torch.__version__}
+    record = {**cfg, "data_source": splits.source, "n_train": len(splits.train), "n_val": len(splits.val)}
+    result = fit(
+        vae.model,
+        vae.guide,
+        splits.train,
+        elbo=cfg["elbo"],
+        particles=cfg["particles"],
+        alpha=cfg["alpha"],
+        epochs=cfg["epochs"],
+        batch_size=cfg["batch_size"],
+        lr=cfg["lr"],
+        clip_norm=cfg["clip_norm"],
+        lr_schedule=cfg["lr_schedule"],
+        lr_gamma=cfg["lr_gamma"],
+        warmup_epochs=cfg["warmup_epochs"],
+        val_data=splits.val,
+        out=out,
+        resume=resume,
+        seed=None if resume else cfg["seed"],
+        config={**record, "versions": {**versions, "python": platform.python_version()}},
+        quiet=quiet,
+    )
+    return splits, vae, result
+
+
+def load_module_params(module: torch.nn.Module, name: str, run_dir: str | Path, device: torch.device) -> dict:
+    """Copy the parameters that ``pyro.module(name, module)`` trained in a run folder into ``module``."""
     from .train import load_checkpoint
 
+    ckpt = Path(run_dir) / "checkpoint.pt"
+    if not ckpt.is_file():
+        raise PyrovaeError(f"{run_dir} has no checkpoint.pt: train it first")
+    state = load_checkpoint(ckpt, map_location=device)
+    prefix = name + "$$$"
+    own = dict(module.named_parameters())
+    saved = {k[len(prefix) :]: v for k, v in state["params"].items() if k.startswith(prefix)}
+    missing = sorted(set(own) - set(saved))
+    if missing:
+        raise PyrovaeError(f"{ckpt} does not match this model: it has no {missing[0]}")
+    with torch.no_grad():
+        for key, p in own.items():
+            p.copy_(saved[key])
+    return state
+
+
+def load_run(run_dir: str | Path, device: str = "auto") -> tuple[dict[str, Any], Splits, VAE]:
+    """Rebuild a trained run: its config, its data splits and its VAE with the checkpoint's parameters."""
     cfg = read_config(run_dir)
     dev = resolve_device(device)
     splits = load_splits(cfg, dev)
     vae = build_model(cfg, splits)
-    ckpt = Path(run_dir) / "checkpoint.pt"
-    if not ckpt.is_file():
-        raise PyrovaeError(f"{run_dir} has no checkpoint.pt: train it first")
-    state = load_checkpoint(ckpt, map_location=dev)
-    prefix = vae.name + "$$$"
-    own = dict(vae.named_parameters())
-    with torch.no_grad():
-        for name, value in state["params"].items():
-            if name.startswith(prefix) and name[len(prefix) :] in own:
-                own[name[len(prefix) :]].copy_(value)
+    load_module_params(vae, vae.name, run_dir, dev)
     pyro.clear_param_store()
     return cfg, splits, vae

@@ -1,0 +1,315 @@
+"""``pyrovae compare``: a VAE and a Gaussian (or Bernoulli) mixture on one data representation, side by side.
+
+Both models are trained by the same ``fit`` on the same device-resident split and scored by the same
+importance-sampling code (``pyrovae.evaluate``): for the mixture, whose guide is empty, one sample is
+already its exact log-likelihood. Representations never mix in one column:
+
+- ``binary``: dynamically binarised training images, test images binarised once (seeded);
+  VAE with a Bernoulli decoder vs a Bernoulli mixture; nats/image and bits/dim.
+- ``dequantized``: x = (pixel + u)/256 with u ~ U(0, 1) (test noise seeded); VAE with a Gaussian
+  decoder vs a Gaussian mixture; nats/image and bits/dim of the 8-bit data.
+
+Clustering against the labels (NMI, ARI, accuracy under the best one-to-one matching) for the
+mixture on pixels and for a mixture fitted on the VAE's latent posterior means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+
+from .errors import PyrovaeError
+from .evaluate import bits_per_dim, evaluate_points, log_likelihood
+from .gmm import GMM
+from .runs import DEFAULTS, read_config, resolve_device, train_vae
+from .train import atomic_write, fit, load_checkpoint, write_json
+
+REPRESENTATIONS = {
+    # name: (VAE settings, mixture family, bits/dim kind)
+    "binary": ({"binarize": "dynamic", "dequantize": False, "likelihood": "bernoulli"}, "bernoulli", "binary"),
+    "dequantized": ({"binarize": "none", "dequantize": True, "likelihood": "gaussian-diag"}, "gaussian", "dequantized"),
+}
+
+
+def clustering_scores(labels: np.ndarray, clusters: np.ndarray) -> dict[str, float]:
+    """NMI, ARI and accuracy under the best one-to-one cluster-to-label matching (Hungarian)."""
+    from scipy.optimize import linear_sum_assignment
+    from sklearn.metrics import adjusted_rand_score, confusion_matrix, normalized_mutual_info_score
+
+    classes = np.union1d(np.unique(labels), np.unique(clusters))
+    counts = confusion_matrix(labels, clusters, labels=classes)
+    rows, cols = linear_sum_assignment(-counts)
+    return {
+        "nmi": float(normalized_mutual_info_score(labels, clusters)),
+        "ari": float(adjusted_rand_score(labels, clusters)),
+        "accuracy": float(counts[rows, cols].sum() / len(labels)),
+    }
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def fit_mixture(
+    x_train, k: int, family: str, covariance: str, epochs: int, out: Path | None, seed: int, quiet: bool
+) -> tuple[GMM, float]:
+    """A mixture initialised by k-means++ and trained by ``fit`` (marginal form, Adam with a cosine schedule)."""
+    device = x_train.device
+    pyro.set_rng_seed(seed)
+    sample = x_train.batch(torch.randperm(len(x_train), device=device)[: min(len(x_train), 20000)])
+    t0 = time.perf_counter()
+    gmm = GMM(k, x_train.shape, covariance=covariance, family=family).to(device)
+    gmm.initialize(sample, generator=torch.Generator(device=device).manual_seed(seed))
+    fit(
+        gmm.model,
+        gmm.guide,
+        x_train,
+        elbo=gmm.elbo(),
+        epochs=epochs,
+        batch_size=256,
+        lr=0.05 if family == "gaussian" else 0.02,
+        lr_schedule="cosine",
+        out=out,
+        quiet=quiet,
+        config={"model": "gmm", "k": k, "family": family, "covariance": covariance, "epochs": epochs, "seed": seed},
+    )
+    if out is not None:  # the k-means scales are buffers, not parameters: keep the whole state
+        state = gmm.state_dict()
+        atomic_write(out / "model.pt", lambda f: torch.save(state, f))
+    return gmm, time.perf_counter() - t0
+
+
+def _latents(vae, data, batch: int = 2000) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([vae.encoder(x)[0] for x in data.batches(batch)])
+
+
+def run_compare(args: argparse.Namespace) -> dict[str, Any]:
+    """Train or load both models, evaluate them with the same code, write compare.json/.md and figures."""
+    out = Path(args.out)
+    if args.representation not in REPRESENTATIONS:
+        raise PyrovaeError(f"unknown representation {args.representation!r}; choose {', '.join(REPRESENTATIONS)}")
+    vae_settings, family, bpd_kind = REPRESENTATIONS[args.representation]
+    if (out / "compare.json").exists() and not args.overwrite:
+        raise PyrovaeError(f"{out} already holds a comparison; pass --overwrite to replace it or choose another --out")
+    resolve_device(args.device)  # fail early on a bad device
+    out.mkdir(parents=True, exist_ok=True)
+    for sub in ("vae", "gmm"):
+        for name in ("checkpoint.pt", "metrics.csv", "config.json"):
+            (out / sub / name).unlink(missing_ok=True)
+
+    # -- the VAE: loaded from a run folder, or trained here on the representation's data
+    if args.vae_run:
+        cfg = read_config(args.vae_run)
+        wanted = {k: v for k, v in vae_settings.items() if k != "likelihood"}
+        if any(cfg.get(k) != v for k, v in wanted.items()):
+            raise PyrovaeError(f"{args.vae_run} was trained on another representation than {args.representation!r}")
+        from .runs import load_run
+
+        cfg, splits, vae = load_run(args.vae_run, args.device)
+        vae_seconds = sum(float(r) for r in _metric_column(Path(args.vae_run), "seconds"))
+    else:
+        cfg = {**DEFAULTS, **vae_settings, "dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs}
+        cfg.update({"train_size": args.train_size, "device": args.device, "seed": args.seed, "arch": args.arch})
+        if args.likelihood:
+            cfg["likelihood"] = args.likelihood
+        t0 = time.perf_counter()
+        splits, vae, _ = train_vae(cfg, out / "vae", quiet=args.quiet)
+        vae_seconds = time.perf_counter() - t0
+    n_test = min(args.n or len(splits.test), len(splits.test))
+    x_test = splits.test.batch(torch.arange(n_test, device=splits.test.device))
+    y_test = splits.test.labels[:n_test].cpu().numpy()
+
+    # -- the mixture: loaded from a run folder, or trained here on the same split and device
+    if args.gmm_run:
+        gmm, gmm_seconds = load_mixture(Path(args.gmm_run), family, splits.train)
+    else:
+        gmm, gmm_seconds = fit_mixture(
+            splits.train, args.gmm_k, family, args.gmm_covariance, args.gmm_epochs, out / "gmm", args.seed, args.quiet
+        )
+
+    # -- the same evaluation code for both
+    pyro.set_rng_seed(args.seed)
+    t0 = time.perf_counter()
+    vae_eval = evaluate_points(vae.model, vae.guide, x_test, args.k, memory_mb=args.memory_mb, progress=not args.quiet)
+    vae_eval_seconds = time.perf_counter() - t0
+    gmm_lp = log_likelihood(gmm.model, gmm.guide, x_test, 1, memory_mb=args.memory_mb).cpu()
+    exact = gmm.log_prob(x_test).cpu()
+    if not torch.allclose(gmm_lp, exact, rtol=1e-4, atol=1e-2):
+        raise PyrovaeError("internal check failed: the mixture's importance-sampled and exact log p(x) differ")
+    dims = int(x_test[0].numel())
+
+    # -- clustering: mixture on pixels; mixture on the VAE's latent means (train fit, test assign)
+    gmm_clusters = gmm.assign(x_test).cpu().numpy()
+    z_train = _latents(vae, splits.train)
+    z_test = vae.encoder(x_test)[0].detach()
+    latent_gmm, _ = fit_mixture_latent(z_train, args.gmm_k, args.seed)
+    latent_clusters = latent_gmm.assign(z_test).cpu().numpy()
+
+    rows = {
+        "vae": {
+            "model": f"VAE ({cfg['arch']}, z={vae.z_dim}, {cfg['likelihood']} decoder, {cfg['elbo']})",
+            "log_likelihood": float(vae_eval.log_likelihood.mean()),
+            "log_likelihood_sem": float(vae_eval.log_likelihood.std() / math.sqrt(n_test)),
+            "elbo": float(vae_eval.elbo.mean()),
+            "bits_per_dim": bits_per_dim(vae_eval.log_likelihood.mean(), dims, bpd_kind),
+            "likelihood_kind": f"importance-sampled, K={args.k}",
+            "clustering": {
+                "source": f"{args.gmm_k}-component GMM on latent means",
+                **clustering_scores(y_test, latent_clusters),
+            },
+            "parameters": n_params(vae),
+            "train_seconds": vae_seconds,
+            "eval_seconds": vae_eval_seconds,
+        },
+        "gmm": {
+            "model": f"{family} mixture, K={args.gmm_k}"
+            + (f", {args.gmm_covariance} covariance" if family == "gaussian" else ""),
+            "log_likelihood": float(exact.mean()),
+            "log_likelihood_sem": float(exact.std() / math.sqrt(n_test)),
+            "elbo": float(exact.mean()),
+            "bits_per_dim": bits_per_dim(exact.mean(), dims, bpd_kind),
+            "likelihood_kind": "exact",
+            "clustering": {"source": "mixture on pixels", **clustering_scores(y_test, gmm_clusters)},
+            "parameters": n_params(gmm),
+            "train_seconds": gmm_seconds,
+        },
+    }
+    summary = {
+        "representation": args.representation,
+        "bits_per_dim_kind": bpd_kind,
+        "dataset": cfg["dataset"],
+        "n_train": len(splits.train),
+        "n_test": n_test,
+        "k": args.k,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("func", "command")},
+        "models": rows,
+    }
+    write_json(out / "compare.json", summary)
+    (out / "compare.md").write_text(_markdown(summary))
+    if not args.no_figures:
+        from .figures import compare_figures
+
+        summary["figures"] = compare_figures(vae, gmm, x_test, z_test, latent_clusters, out)
+    return summary
+
+
+def load_mixture(run_dir: Path, family: str, like) -> tuple[GMM, float]:
+    """A mixture trained earlier (the ``gmm`` folder of a comparison), with its training seconds."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise PyrovaeError(f"{run_dir} is not a mixture run folder: no config.json")
+    cfg = json.loads(path.read_text())
+    if cfg.get("model") != "gmm" or cfg.get("family") != family:
+        raise PyrovaeError(f"{run_dir} holds no {family} mixture, as this representation needs")
+    if not (run_dir / "model.pt").is_file():
+        raise PyrovaeError(f"{run_dir} has no model.pt: fit the mixture first")
+    gmm = GMM(int(cfg["k"]), like.shape, covariance=cfg["covariance"], family=family).to(like.device)
+    gmm.load_state_dict(load_checkpoint(run_dir / "model.pt", map_location=like.device))  # buffers too
+    return gmm, sum(float(r) for r in _metric_column(run_dir, "seconds"))
+
+
+def fit_mixture_latent(z: torch.Tensor, k: int, seed: int) -> tuple[GMM, float]:
+    """A diagonal GMM on latent codes (a plain tensor), by the same fit."""
+    from .data import TensorData
+
+    t0 = time.perf_counter()
+    pyro.set_rng_seed(seed)
+    gmm = GMM(k, z.shape[1], covariance="diag", name="latent_gmm").to(z.device)
+    gmm.initialize(z, generator=torch.Generator(device=z.device).manual_seed(seed))
+    fit(gmm.model, gmm.guide, TensorData(z), elbo=gmm.elbo(), epochs=10, batch_size=512, lr=0.02, quiet=True)
+    return gmm, time.perf_counter() - t0
+
+
+def _metric_column(run_dir: Path, column: str) -> list[str]:
+    import csv
+
+    path = run_dir / "metrics.csv"
+    return [row[column] for row in csv.DictReader(open(path))] if path.is_file() else []
+
+
+def _markdown(s: dict[str, Any]) -> str:
+    bpd = "bits/dim (binary pixels)" if s["bits_per_dim_kind"] == "binary" else "bits/dim (8-bit, dequantised)"
+    lines = [
+        f"# VAE vs mixture on {s['dataset']}, representation: {s['representation']}",
+        "",
+        f"Test images: {s['n_test']} · training images: {s['n_train']} · all numbers on the "
+        f"{s['representation']} representation only (never compare across representations).",
+        "",
+        f"| model | log p(x) nats/image | ± s.e. | {bpd} | how | NMI | ARI | accuracy | clusters from | parameters | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in s["models"].values():
+        c = r["clustering"]
+        lines.append(
+            f"| {r['model']} | {r['log_likelihood']:.2f} | {r['log_likelihood_sem']:.2f} | {r['bits_per_dim']:.4f} | "
+            f"{r['likelihood_kind']} | {c['nmi']:.3f} | {c['ari']:.3f} | {c['accuracy']:.3f} | {c['source']} | "
+            f"{r['parameters']:,} | {r['train_seconds']:.0f} |"
+        )
+    vae = s["models"]["vae"]
+    lines += [
+        "",
+        f"VAE test ELBO: {vae['elbo']:.2f} nats/image (gap to log p̂: {vae['log_likelihood'] - vae['elbo']:.2f}).",
+        "",
+    ]
+    lines += ["Settings: `" + json.dumps(s["settings"], default=str) + "`", ""]
+    return "\n".join(lines)
+
+
+def register_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="VAE vs Gaussian/Bernoulli mixture on one representation",
+        description="Train (or load) a VAE and a mixture on the same data; write compare.json, compare.md and figures.",
+    )
+    from .cli import _positive_float, _positive_int
+
+    p.add_argument(
+        "--representation",
+        choices=list(REPRESENTATIONS),
+        default="binary",
+        help="binary or dequantized (default binary)",
+    )
+    p.add_argument("--dataset", default="fashion-mnist", help="dataset name (default fashion-mnist)")
+    p.add_argument("--data-dir", help="folder of the dataset files")
+    p.add_argument("--train-size", type=_positive_int, help="use only the first N training images")
+    p.add_argument("--vae-run", help="load the VAE from this run folder instead of training one")
+    p.add_argument("--arch", default="iwae", help="VAE arch preset when training (default iwae)")
+    p.add_argument("--likelihood", help="VAE decoder (default: bernoulli for binary, gaussian-diag for dequantized)")
+    p.add_argument("--epochs", type=_positive_int, default=10, help="VAE epochs when training (default 10)")
+    p.add_argument("--gmm-run", help="load the mixture from this folder (a comparison's gmm/) instead of training")
+    p.add_argument("--gmm-k", type=_positive_int, default=10, help="mixture components (default 10)")
+    p.add_argument("--gmm-covariance", choices=["diag", "full"], default="diag", help="Gaussian mixture covariance")
+    p.add_argument("--gmm-epochs", type=_positive_int, default=20, help="mixture epochs (default 20)")
+    p.add_argument(
+        "--k", type=_positive_int, default=1000, help="importance samples for the VAE's log p(x) (default 1000)"
+    )
+    p.add_argument("--n", type=_positive_int, help="evaluate on the first N test images (default all)")
+    p.add_argument("--memory-mb", type=_positive_float, default=1024.0, help="memory bound of the evaluation")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
+    p.add_argument("--overwrite", action="store_true", help="replace a comparison already in --out")
+    p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    s = run_compare(args)
+    vae, gmm = s["models"]["vae"], s["models"]["gmm"]
+    print(
+        f"{s['representation']}: VAE log p(x) {vae['log_likelihood']:.2f} vs mixture {gmm['log_likelihood']:.2f} "
+        f"nats/image; see {Path(args.out) / 'compare.md'}",
+        file=sys.stdout,
+    )
+    return 0
