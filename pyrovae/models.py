@@ -38,13 +38,14 @@ class VAE(nn.Module):
         return dist.Normal(zeros, zeros + 1).to_event(1)
 
     def model(self, x: torch.Tensor, num_data: int | None = None) -> None:
-        pyro.module(self.name, self)
+        pyro.module(f"{self.name}.decoder", self.decoder)  # each program registers only what it uses
+        pyro.module(f"{self.name}.likelihood", self.likelihood)
         with data_plate(x, num_data):
             z = pyro.sample("z", self.prior(x))
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
 
     def guide(self, x: torch.Tensor, num_data: int | None = None) -> None:
-        pyro.module(self.name, self)
+        pyro.module(f"{self.name}.encoder", self.encoder)
         with data_plate(x, num_data):
             loc, scale = self.encoder(x)
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))

@@ -146,16 +146,20 @@ def train_vae(cfg: dict[str, Any], out: str | Path, *, resume: bool = False, qui
 
 
 def load_module_params(module: torch.nn.Module, name: str, run_dir: str | Path, device: torch.device) -> dict:
-    """Copy the parameters that ``pyro.module(name, module)`` trained in a run folder into ``module``."""
+    """Copy parameters trained in a run folder into ``module``: those of ``pyro.module(name, module)`` and of
+    ``pyro.module(f"{name}.{child}", module.child)`` alike."""
     from .train import load_checkpoint
 
     ckpt = Path(run_dir) / "checkpoint.pt"
     if not ckpt.is_file():
         raise PyrovaeError(f"{run_dir} has no checkpoint.pt: train it first")
     state = load_checkpoint(ckpt, map_location=device)
-    prefix = name + "$$$"
     own = dict(module.named_parameters())
-    saved = {k[len(prefix) :]: v for k, v in state["params"].items() if k.startswith(prefix)}
+    saved = {}
+    for key, value in state["params"].items():  # "vae.decoder$$$net.0.weight" -> "decoder.net.0.weight"
+        owner, _, param = key.partition("$$$")
+        if owner == name or owner.startswith(name + "."):
+            saved[".".join(filter(None, [owner[len(name) + 1 :], param]))] = value
     missing = sorted(set(own) - set(saved))
     if missing:
         raise PyrovaeError(f"{ckpt} does not match this model: it has no {missing[0]}")
