@@ -261,6 +261,12 @@ def _markdown(s: dict[str, Any]) -> str:
         f"VAE test ELBO: {vae['elbo']:.2f} nats/image (gap to log p̂: {vae['log_likelihood'] - vae['elbo']:.2f}).",
         "",
     ]
+    lines += [
+        "Figures: `samples_vae_vs_mixture.png` (left 8 columns: VAE, decoder means at z ~ N(0, I); right 8: "
+        "mixture, component means at k ~ Cat(weights)), `mixture_means.png` (all component means), "
+        "`latents_by_cluster.png` (VAE posterior means of the test images, PCA, coloured by latent-GMM cluster).",
+        "",
+    ]
     lines += ["Settings: `" + json.dumps(s["settings"], default=str) + "`", ""]
     return "\n".join(lines)
 

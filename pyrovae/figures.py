@@ -146,10 +146,11 @@ def compare_figures(vae: VAE, gmm, x: torch.Tensor, z_test: torch.Tensor, cluste
     """For ``pyrovae compare``: samples of both models side by side, mixture means, latents by cluster."""
     out = Path(out)
     n = 32
+    # Both as the mean of p(x | latent) at latents drawn from the prior: z ~ N(0, I), k ~ Cat(weights).
     with torch.no_grad():
         vae_samples = vae.sample(n, x).clamp(0, 1).cpu()
-        gmm_samples = gmm.sample(n, torch.Generator(device=x.device).manual_seed(0)).reshape(n, *x.shape[1:])
-    gmm_samples = gmm_samples.clamp(0, 1).cpu()
+        k = torch.multinomial(gmm.weights, n, replacement=True, generator=torch.Generator(x.device).manual_seed(0))
+        gmm_samples = gmm.means[k].reshape(n, *x.shape[1:]).clamp(0, 1).cpu()
     gap = torch.ones(8, *x.shape[1:])
     # 4 rows of 8 VAE samples | a blank column | 4 rows of 8 mixture samples, as one 17-wide grid
     rows = []
