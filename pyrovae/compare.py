@@ -28,7 +28,7 @@ import pyro
 import torch
 
 from .errors import PyrovaeError
-from .evaluate import bits_per_dim, evaluate_points, log_likelihood
+from .evaluate import ACTIVE_THRESHOLD, bits_per_dim, evaluate_points, log_likelihood
 from .gmm import GMM
 from .runs import DEFAULTS, read_config, resolve_device, train_vae
 from .train import atomic_write, fit, load_checkpoint, write_json
@@ -150,10 +150,15 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
 
     # -- clustering: mixture on pixels; mixture on the VAE's latent means (train fit, test assign)
     gmm_clusters = gmm.assign(x_test).cpu().numpy()
+    # On the active units only (Var_x E[z_d|x] > 0.01): collapsed units have posterior means ~0 with
+    # tiny spread, and a diagonal mixture would cluster on that noise.
     z_train = _latents(vae, splits.train)
+    active = z_train.var(0) > ACTIVE_THRESHOLD
+    if not bool(active.any()):
+        active = torch.ones_like(active)
     z_test = vae.encoder(x_test)[0].detach()
-    latent_gmm, _ = fit_mixture_latent(z_train, args.gmm_k, args.seed)
-    latent_clusters = latent_gmm.assign(z_test).cpu().numpy()
+    latent_gmm, _ = fit_mixture_latent(z_train[:, active], args.gmm_k, args.seed)
+    latent_clusters = latent_gmm.assign(z_test[:, active]).cpu().numpy()
 
     rows = {
         "vae": {
