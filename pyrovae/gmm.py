@@ -204,8 +204,15 @@ class GMM(nn.Module):
             return dist.Normal(pick(self.means), pick(self.variances).sqrt()).to_event(1)
         return dist.MultivariateNormal(pick(self.means), scale_tril=pick(self.scale_tril))
 
-    def mixture(self) -> dist.MixtureSameFamily:
-        """p(x) with the assignment summed out: ``MixtureSameFamily`` of :meth:`components`."""
+    def mixture(self) -> dist.Distribution:
+        """p(x) with the assignment summed out: by matrix products for factorised components
+        (:class:`FactorisedMixture`), else ``MixtureSameFamily`` of :meth:`components`."""
+        if self.family == "bernoulli" or self.covariance == "diag":
+            return FactorisedMixture(self)
+        return self.mixture_same_family()
+
+    def mixture_same_family(self) -> dist.MixtureSameFamily:
+        """p(x) as Pyro's ``MixtureSameFamily`` (the reference the fast form is tested against)."""
         return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), self.components())
 
     def flatten(self, x: torch.Tensor) -> torch.Tensor:
@@ -284,6 +291,9 @@ class GMM(nn.Module):
     def joint_log_prob(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
         """log w_k + log p(x_i | theta_k), shape (N, K), computed in batches."""
         x = self.flatten(x)
+        mix = self.mixture()
+        if isinstance(mix, FactorisedMixture):
+            return torch.cat([mix.joint_log_prob(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
         comps, log_w = self.components(), torch.log_softmax(self.logits, -1)
         return torch.cat(
             [comps.log_prob(x[i : i + batch_size].unsqueeze(-2)) + log_w for i in range(0, len(x), batch_size)]
@@ -318,6 +328,61 @@ class GMM(nn.Module):
                     rows = (k == c).nonzero().flatten()
                     x[rows] = means[c] + eps[rows] @ tril[c].T
         return x.reshape(n, *self.shape)
+
+
+class FactorisedMixture(dist.TorchDistribution):
+    """sum_k w_k prod_d p(x_d | theta_kd) for diagonal-Gaussian or Bernoulli components.
+
+    The per-component log-likelihoods are two matrix products (float64, so that large precisions
+    cannot cancel badly) instead of a (batch, K, D) elementwise tensor: the same numbers as
+    ``MixtureSameFamily``, many times faster at D = 784.
+        Gaussian:  log N(x | m_k, v_k) = -1/2 [x^2 . (1/v_k) - 2 x . (m_k/v_k) + sum m_k^2/v_k + sum log 2 pi v_k]
+        Bernoulli: log Bern(x | l_k)   = x . l_k + sum_d log sigmoid(-l_kd)
+    """
+
+    arg_constraints: dict = {}
+
+    def __init__(self, gmm: GMM, batch_shape: torch.Size = torch.Size()) -> None:
+        self.gmm = gmm
+        self.log_w = torch.log_softmax(gmm.logits, -1)
+        if gmm.family == "bernoulli":
+            self.lin = gmm.loc_raw.double()  # (K, D) logits
+            self.quad = None
+            self.const = torch.nn.functional.logsigmoid(-gmm.loc_raw).sum(-1).double()
+        else:
+            var = gmm.variances.double()
+            means = gmm.means.double()
+            self.quad = -0.5 / var
+            self.lin = means / var
+            self.const = -0.5 * ((means * means / var).sum(-1) + torch.log(2 * math.pi * var).sum(-1))
+        super().__init__(torch.Size(batch_shape), torch.Size([gmm.dim]), validate_args=False)
+
+    @property
+    def support(self):
+        return dist.constraints.independent(
+            dist.constraints.boolean if self.gmm.family == "bernoulli" else dist.constraints.real, 1
+        )
+
+    def expand(self, batch_shape, _instance=None) -> FactorisedMixture:
+        new = self._get_checked_instance(FactorisedMixture, _instance)
+        new.gmm, new.log_w, new.lin, new.quad, new.const = self.gmm, self.log_w, self.lin, self.quad, self.const
+        super(FactorisedMixture, new).__init__(torch.Size(batch_shape), self.event_shape, validate_args=False)
+        return new
+
+    def joint_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """log w_k + log p(x | theta_k), shape (..., K)."""
+        flat = x.reshape(-1, x.shape[-1]).double()
+        out = flat @ self.lin.T + self.const
+        if self.quad is not None:
+            out = out + (flat * flat) @ self.quad.T
+        return (out.to(self.log_w.dtype) + self.log_w).reshape(*x.shape[:-1], -1)
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.logsumexp(self.joint_log_prob(x), -1)
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        n = int(torch.Size(sample_shape + self.batch_shape).numel())
+        return self.gmm.sample(n).reshape(*sample_shape, *self.batch_shape, self.gmm.dim)
 
 
 def _cholesky(cov: torch.Tensor) -> torch.Tensor:
