@@ -31,12 +31,12 @@ from typing import Any
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.infer import ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO, TraceEnum_ELBO
 from tqdm.auto import tqdm
 
 from .data import Dataset, TensorData
 from .errors import NonFiniteLoss, PyrovaeError
-from .infer import LatentScale, make_elbo, warmup_beta
+from .infer import LatentScale, MeanField, make_elbo, warmup_beta
 
 METRIC_COLUMNS = ["epoch", "train_elbo", "val_elbo", "seconds", "beta", "lr"]
 LR_SCHEDULES = ("none", "cosine", "exponential")
@@ -114,13 +114,13 @@ def evaluate_elbo(
 
     Uses the estimator's ``loss`` (TraceEnum_ELBO's differentiable loss refuses to run without grad).
     """
-    elbo = elbo or TraceMeanField_ELBO()
+    elbo = elbo or MeanField()
     n = len(data)
     device = _device_of(data)
     total = 0.0
     for start in range(0, n, batch_size):
         idx = torch.arange(start, min(start + batch_size, n), device=device)
-        total += elbo.loss(model, guide, *_as_args(data.batch(idx)), num_data=n) * (len(idx) / n)
+        total += float(elbo.loss(model, guide, *_as_args(data.batch(idx)), num_data=n)) * (len(idx) / n)
     return -total / n
 
 
@@ -228,7 +228,7 @@ def fit(
         pyro.set_rng_seed(seed)
     differentiable = hasattr(estimator, "differentiable_loss")
     # the validation ELBO: analytic KL where available; an enumerating estimator must enumerate there too
-    val_estimator = val_elbo or (estimator if isinstance(estimator, TraceEnum_ELBO) else TraceMeanField_ELBO())
+    val_estimator = val_elbo or (estimator if isinstance(estimator, TraceEnum_ELBO) else MeanField())
 
     def loss_of(args: tuple[torch.Tensor, ...], beta: float) -> torch.Tensor:
         with LatentScale(beta) if beta != 1.0 else nullcontext():

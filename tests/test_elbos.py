@@ -10,6 +10,7 @@ import torch
 from pyro.infer import RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from pyrovae import ESTIMATORS, PyrovaeError, RenyiBound, evaluate_elbo, fit, make_elbo
+from pyrovae.infer import MeanField, Trace
 
 
 @pytest.mark.parametrize("name", list(ESTIMATORS))
@@ -129,3 +130,31 @@ def test_iwae_refuses_sites_outside_the_data_plate(tiny_splits):
 
     with pytest.raises(PyrovaeError, match="every sample site inside the data plate"):
         RenyiBound(0.0, 3).loss(model, guide, torch.randn(10))
+
+
+@pytest.mark.parametrize(
+    "ours, pyros", [(Trace, Trace_ELBO), (MeanField, TraceMeanField_ELBO)], ids=["trace", "meanfield"]
+)
+def test_on_device_estimators_equal_pyros_and_never_sync(ours, pyros, tiny_vae, tiny_splits, monkeypatch):
+    # Same seed, same draws: the same loss and the same gradients as Pyro's estimator (float32 rounding).
+    x = tiny_splits.val.batch(torch.arange(40))
+    results = []
+    for cls in (ours, pyros):
+        tiny_vae.zero_grad()
+        pyro.set_rng_seed(9)
+        loss = cls(num_particles=3, vectorize_particles=True).differentiable_loss(
+            tiny_vae.model, tiny_vae.guide, x, num_data=400
+        )
+        loss.backward()
+        results.append((float(loss.detach()), [p.grad.clone() for p in tiny_vae.parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(results[0][1], results[1][1]))
+
+    # and no host round trip: .item() / bool() of a tensor would be a CUDA sync
+    def refuse(*_):
+        raise AssertionError("host sync inside the loss")
+
+    monkeypatch.setattr(torch.Tensor, "item", refuse)
+    monkeypatch.setattr(torch.Tensor, "__bool__", refuse)
+    with pyro.validation_enabled(False):
+        ours(num_particles=2, vectorize_particles=True).differentiable_loss(tiny_vae.model, tiny_vae.guide, x)

@@ -1,6 +1,7 @@
 """ELBO estimators by name: one registry, one place to add an estimator.
 
-``trace`` (Monte Carlo KL), ``meanfield`` (analytic KL where available), ``iwae`` (per-datapoint
+``trace`` (Monte Carlo KL), ``meanfield`` (analytic KL where available) — Pyro's Trace_ELBO and
+TraceMeanField_ELBO with the loss kept on the device (``trace.py``), ``iwae`` (per-datapoint
 IWAE bound, K particles), ``renyi`` (per-datapoint Rényi bound, α given), ``tracegraph`` (Rao-
 Blackwellised score-function terms for non-reparameterised sites). Particles are vectorised.
 Pyro's JIT variants are left out on purpose: in Pyro 1.9 JitTraceMeanField_ELBO re-traces every
@@ -11,11 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO, TraceGraph_ELBO
 
 from ..errors import PyrovaeError
 from .anneal import LatentScale, warmup_beta
 from .renyi import RenyiBound
+from .trace import MeanField, Trace
 
 
 def _renyi(particles: int, alpha: float | None) -> ELBO:
@@ -25,8 +27,8 @@ def _renyi(particles: int, alpha: float | None) -> ELBO:
 
 
 ESTIMATORS: dict[str, Callable[[int, float | None], ELBO]] = {
-    "trace": lambda k, a: Trace_ELBO(num_particles=k, vectorize_particles=k > 1),
-    "meanfield": lambda k, a: TraceMeanField_ELBO(num_particles=k, vectorize_particles=k > 1),
+    "trace": lambda k, a: Trace(num_particles=k, vectorize_particles=k > 1),
+    "meanfield": lambda k, a: MeanField(num_particles=k, vectorize_particles=k > 1),
     "iwae": lambda k, a: RenyiBound(alpha=0.0, num_particles=k),
     "renyi": _renyi,
     "tracegraph": lambda k, a: TraceGraph_ELBO(num_particles=k, vectorize_particles=k > 1),
@@ -48,4 +50,4 @@ def make_elbo(spec: str | ELBO | type[ELBO], particles: int | None = None, alpha
     return ESTIMATORS[spec](k, alpha)
 
 
-__all__ = ["ESTIMATORS", "LatentScale", "RenyiBound", "make_elbo", "warmup_beta"]
+__all__ = ["ESTIMATORS", "LatentScale", "MeanField", "RenyiBound", "Trace", "make_elbo", "warmup_beta"]
