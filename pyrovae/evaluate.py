@@ -39,6 +39,10 @@ KHAT_GOOD, KHAT_BAD = 0.5, 0.7
 EQUAL_WEIGHTS = 1e-4  # log-weights spread less than this: the weights are equal, k̂ is 0
 MIN_K_FOR_KHAT = 30  # ArviZ needs a tail of at least 5 weights: min(0.2 K, 3 sqrt K) > 4
 DEFAULT_MEMORY_MB = 1024.0
+# On a CPU, chunks of about 64 MB run faster than larger ones (fewer page faults, warmer caches):
+# measured 35 vs 21 images/s at 64 vs 1024 MB (Fashion-MNIST iwae VAE, K=5000, 2 cores). The
+# user's budget stays the upper bound.
+CPU_CHUNK_MB = 64.0
 ACTIVE_THRESHOLD = 0.01  # Burda et al. 2016: unit d is active when Var_x E_q[z_d | x] > 0.01
 
 
@@ -114,12 +118,20 @@ def _bytes_per_pair(model: Callable, guide: Callable, x: torch.Tensor, dim: int)
 
 
 def _plan(
-    k: int, n: int, chunk_size: int | None, batch_size: int | None, memory_mb: float | None, bytes_per_pair: Callable
+    k: int,
+    n: int,
+    chunk_size: int | None,
+    batch_size: int | None,
+    memory_mb: float | None,
+    bytes_per_pair: Callable,
+    cap_mb: float | None = None,
 ) -> tuple[int, int]:
-    """Particles per call and datapoints per call: the given ones, else the most that fit in ``memory_mb``."""
+    """Particles per call and datapoints per call: the given ones, else the most that fit in ``memory_mb``
+    (and in ``cap_mb``, the working set that runs fastest on the device)."""
     if chunk_size is not None and batch_size is not None:
         return min(chunk_size, k), min(batch_size, n)
-    pairs = max(1, int((memory_mb or DEFAULT_MEMORY_MB) * 2**20 / bytes_per_pair()))
+    budget = min(memory_mb or DEFAULT_MEMORY_MB, cap_mb or math.inf)
+    pairs = max(1, int(budget * 2**20 / bytes_per_pair()))
     kc = min(k, chunk_size or pairs)
     b = min(n, batch_size or max(1, pairs // kc))
     return kc, b
@@ -175,7 +187,8 @@ def _sweep(
     if n == 0:
         return
     pdim = -_max_plate_nesting(model, guide, x[: min(n, 2)]) - 1
-    kc, b = _plan(k, n, chunk_size, batch_size, memory_mb, lambda: _bytes_per_pair(model, guide, x, pdim))
+    cap = CPU_CHUNK_MB if x.device.type == "cpu" else None
+    kc, b = _plan(k, n, chunk_size, batch_size, memory_mb, lambda: _bytes_per_pair(model, guide, x, pdim), cap)
     bar = tqdm(total=n, disable=not progress, unit="img", dynamic_ncols=True, desc=f"log p(x), K={k}")
     with torch.no_grad(), pyro.validation_enabled(False), bar:
         for start in range(0, n, b):

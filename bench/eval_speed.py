@@ -1,0 +1,109 @@
+"""Importance-sampled log p(x) speed: images per second at K importance samples, against the FLOP floor.
+
+The floor: the FLOPs of one image's K model+guide evaluations (counted by torch's FlopCounterMode:
+matrix products, the bulk of the work) divided by the device's measured dense matmul rate (the
+best of several large float32 GEMMs). The ratio measured/floor shows how far from the limit the
+evaluation runs. On a CPU the full 10k x 5000 run takes minutes, so ``--n`` images are timed and
+the 10k time extrapolated (the work per image is constant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pyro
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import append_results, markdown_table  # noqa: E402
+
+from pyrovae.evaluate import _traces, log_likelihood  # noqa: E402
+from pyrovae.runs import load_run  # noqa: E402
+
+
+def gemm_flops_per_second(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        (a @ b).sum().item()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
+
+
+def flops_per_image(model, guide, x: torch.Tensor, k: int) -> float:
+    """Matmul FLOPs of the guide and model for one image and k particles (counted on 64 particles)."""
+    probe_k = min(k, 64)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        _traces(model, guide, x[:1], probe_k, -2)
+    return counter.get_total_flops() * k / probe_k
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", help="a trained run folder (e.g. runs/fm)")
+    p.add_argument("--k", type=int, default=5000)
+    p.add_argument("--n", type=int, default=500, help="test images timed")
+    p.add_argument("--memory-mb", type=float, nargs="+", default=[None])
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    pyro.set_rng_seed(0)
+    cfg, splits, vae = load_run(args.run, args.device)
+    device = splits.test.device
+    x = splits.test.batch(torch.arange(min(args.n, len(splits.test)), device=device))
+    per_image = flops_per_image(vae.model, vae.guide, x, args.k)
+    peak = gemm_flops_per_second(device)
+    floor = per_image / peak
+    rows = []
+    for mb in args.memory_mb:
+        log_likelihood(vae.model, vae.guide, x[:4], args.k, memory_mb=mb)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        lp = log_likelihood(vae.model, vae.guide, x, args.k, memory_mb=mb)
+        float(lp.mean())
+        seconds = time.perf_counter() - t0
+        rate = len(x) / seconds
+        rows.append(
+            [
+                f"{args.k}",
+                f"{len(x)}",
+                "default" if mb is None else f"{mb:g}",
+                f"{rate:.1f}",
+                f"{10000 / rate:.0f}",
+                f"{per_image / 1e9:.2f}",
+                f"{peak / 1e9:.0f}",
+                f"{10000 * floor:.0f}",
+                f"{(1 / rate) / floor:.2f}",
+            ]
+        )
+        print(rows[-1], flush=True)
+    header = [
+        "K",
+        "images timed",
+        "memory MB",
+        "images/s",
+        "s for 10k",
+        "GFLOP/image",
+        "GEMM GFLOP/s",
+        "floor s for 10k",
+        "measured/floor",
+    ]
+    append_results(
+        f"Evaluation speed: log p(x), K={args.k} ({cfg['dataset']}, arch {cfg['arch']}, {device.type})",
+        markdown_table(header, rows),
+        "python bench/eval_speed.py " + " ".join(sys.argv[1:]),
+        "FLOPs counted by torch.utils.flop_counter (matrix products only); the floor assumes the whole "
+        "work ran at the measured 2048x2048 float32 GEMM rate.",
+    )
+
+
+if __name__ == "__main__":
+    main()
