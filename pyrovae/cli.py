@@ -10,13 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, distributed
 from .data import BINARIZE, DATASETS
 from .errors import NonFiniteLoss, PyrovaeError
 from .infer import ESTIMATORS
 from .likelihoods import LIKELIHOODS
 from .nets import ACTIVATIONS, PRESETS
-from .runs import DEFAULTS, read_config, train_vae
+from .runs import DEFAULTS, read_config, resolve_device, train_vae
 from .train import LR_SCHEDULES
 
 
@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("run")
     g.add_argument("--device", help="auto, cpu or cuda (default auto)")
     g.add_argument("--seed", type=int, help="seed for initialisation, batching and sampling (default 0)")
+    g.add_argument(
+        "--nproc",
+        type=int,
+        help="train data-parallel in N processes on this node via torchrun (one per GPU, or gloo on CPU); "
+        "--batch-size is per process",
+    )
     g.add_argument("--out", default="runs/latest", help="run folder (default runs/latest)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
@@ -160,6 +166,18 @@ def train_config(args: argparse.Namespace) -> dict[str, Any]:
     return {**base, **given}
 
 
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """``argv`` less ``--nproc N`` (or ``--nproc=N``, or an abbreviation): torchrun's own parser refuses it."""
+    out, skip = [], False
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if skip or len(name) > 3 and "--nproc".startswith(name):
+            skip = not skip and "=" not in arg
+            continue
+        out.append(arg)
+    return out
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.resume and args.overwrite:
@@ -169,10 +187,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = train_config(args)
     if cfg["elbo"] == "renyi" and cfg["alpha"] is None:
         raise PyrovaeError("--elbo renyi needs --alpha (e.g. 0.5)")
-    if args.overwrite and out.exists():
-        for name in ("checkpoint.pt", "metrics.csv", "config.json"):
-            (out / name).unlink(missing_ok=True)
-    _, _, result = train_vae(cfg, out, resume=args.resume, quiet=args.quiet)
+    if args.nproc is not None and not distributed.launched():
+        distributed.check_nproc(args.nproc, resolve_device(cfg["device"]))
+        if args.nproc > 1:  # start the processes; each runs this command (less --nproc) under torchrun
+            return distributed.launch(args.nproc, _without_nproc(args.argv))
+    first = distributed.env_rank() == 0  # under torchrun only global rank 0 touches the run folder and prints
+    try:
+        distributed.setup(resolve_device(cfg["device"]))  # under torchrun: join the process group, pick the GPU
+        if args.overwrite and out.exists() and first:
+            for name in ("checkpoint.pt", "metrics.csv", "config.json"):
+                (out / name).unlink(missing_ok=True)
+        _, _, result = train_vae(cfg, out, resume=args.resume, quiet=args.quiet)
+    finally:
+        distributed.teardown()
+    if not first:
+        return 130 if result.interrupted else 0
     if result.interrupted:
         print(
             f"interrupted: checkpoint saved in {out}; continue with: pyrovae train --out {out} --resume",
@@ -193,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("pyro").setLevel(logging.WARNING)  # Pyro logs its max_plate_nesting guesses at INFO
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for --nproc, which runs this command again
     try:
         return args.func(args)
     except PyrovaeError as exc:

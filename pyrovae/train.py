@@ -8,6 +8,9 @@ user's own) fall back to their ``loss_and_grads``.
 
 Calling convention: ``model(*batch, num_data=N)`` and ``guide(*batch, num_data=N)``, where ``batch``
 is what the dataset returns for a minibatch and N its full size (for the data plate's scale).
+
+Data-parallel: when a ``torch.distributed`` process group of several ranks is up (torchrun), each
+rank trains on its shard of every epoch and gradients are averaged; see :mod:`pyrovae.distributed`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch
 from pyro.infer import ELBO, TraceEnum_ELBO
 from tqdm.auto import tqdm
 
+from . import distributed as ddp
 from .data import Dataset, TensorData
 from .errors import NonFiniteLoss, PyrovaeError
 from .infer import LatentScale, MeanField, make_elbo, warmup_beta
@@ -50,6 +54,7 @@ class FitResult:
     epochs_done: int = 0
     interrupted: bool = False
     checkpoint: Path | None = None
+    data_parallel: str = ""  # "ddp" or "all-reduce" when several processes trained together
 
     @property
     def val_elbo(self) -> float:
@@ -108,19 +113,29 @@ def _set_rng_state(state: dict) -> None:
 # ------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate_elbo(
-    model: Callable, guide: Callable, data: Dataset, elbo: ELBO | None = None, batch_size: int = 1000
+    model: Callable,
+    guide: Callable,
+    data: Dataset,
+    elbo: ELBO | None = None,
+    batch_size: int = 1000,
+    distributed: bool = False,
 ) -> float:
     """Mean ELBO per datapoint over a dataset, in nats (analytic KL where available by default).
 
     Uses the estimator's ``loss`` (TraceEnum_ELBO's differentiable loss refuses to run without grad).
+    ``distributed``: every rank of the process group calls this, evaluates its share, and the sums are all-reduced.
     """
     elbo = elbo or MeanField()
     n = len(data)
     device = _device_of(data)
+    w = ddp.world() if distributed else ddp.World()
     total = 0.0
-    for start in range(0, n, batch_size):
-        idx = torch.arange(start, min(start + batch_size, n), device=device)
+    for idx in torch.arange(n, device=device).tensor_split(w.size)[w.rank].split(batch_size):
+        if len(idx) == 0:  # fewer datapoints than ranks
+            continue
         total += float(elbo.loss(model, guide, *_as_args(data.batch(idx)), num_data=n)) * (len(idx) / n)
+    if w.size > 1:
+        total = float(ddp.all_sum(total))
     return -total / n
 
 
@@ -138,15 +153,19 @@ def _as_args(batch: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tens
 
 # ------------------------------------------------------------------------------------------ trainer
 class _StopFlag:
-    """Set by SIGINT (Ctrl-C) so that training stops between two steps, never inside one."""
+    """Set by SIGINT (Ctrl-C) so that training stops between two steps, never inside one.
 
-    def __init__(self) -> None:
+    With ``sigterm`` also by SIGTERM: torchrun turns a Ctrl-C into a SIGTERM to its workers.
+    """
+
+    def __init__(self, sigterm: bool = False) -> None:
         self.set = False
-        self._previous = None
+        self._signals = (signal.SIGINT, signal.SIGTERM) if sigterm else (signal.SIGINT,)
+        self._previous: dict = {}
 
     def __enter__(self) -> _StopFlag:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self._signals}
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -155,8 +174,8 @@ class _StopFlag:
         self.set = True
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
 
 def _collect_params(loss_fn: Callable[[], torch.Tensor]) -> tuple[list[str], list[torch.Tensor]]:
@@ -208,6 +227,7 @@ def fit(
     continues from it. The param store is cleared first so that stale parameters cannot leak in.
     ``max_steps`` stops (checkpoint saved, as on Ctrl-C) after that many steps of this call.
     Pyro's validation (shapes, supports) checks the first step; ``validate`` keeps it on for all.
+    In a process group of several ranks (torchrun), ``batch_size`` is per rank and only rank 0 writes files.
     """
     data = TensorData(data) if isinstance(data, torch.Tensor) else data
     val_data = TensorData(val_data) if isinstance(val_data, torch.Tensor) else val_data
@@ -218,6 +238,10 @@ def fit(
         raise PyrovaeError(f"unknown lr schedule {lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
     n = len(data)
     device = _device_of(data)
+    w = ddp.world()  # several ranks: data-parallel, each on its shard of every epoch
+    if n < w.size:
+        raise PyrovaeError(f"{w.size} processes need at least {w.size} training datapoints, got {n}")
+    quiet = quiet or w.rank != 0
     out = Path(out) if out is not None else None
     ckpt_path = out / "checkpoint.pt" if out is not None else None
     if resume and (ckpt_path is None or not ckpt_path.exists()):
@@ -243,11 +267,15 @@ def fit(
         names, params = _collect_params(lambda: loss_of(probe, 1.0))
     for p in params:
         p.grad = None
+    step_loss, grad_sync, mode = loss_of, None, ""
+    if w.size > 1:  # DDP around the networks where it can, else an all-reduce of the gradients
+        step_loss, grad_sync, mode = ddp.data_parallel(loss_of, model, guide, params, differentiable, device)
     optimizer = torch.optim.Adam(params, lr=lr, foreach=True)
     scheduler = _make_scheduler(optimizer, lr_schedule, lr_gamma, epochs)
 
     history: list[dict[str, float]] = []
     start_epoch, start_batch, saved_perm, partial = 0, 0, None, 0.0
+    perm_seed, saved_world = seed, w.size
     if resume:
         state = load_checkpoint(ckpt_path, map_location=device)
         missing = [name for name in names if name not in state["params"]]
@@ -261,16 +289,29 @@ def fit(
             scheduler.load_state_dict(state["scheduler"])
         history = state["history"]
         start_epoch, start_batch = state["epoch"], state["batch"]
-        saved_perm, partial = state["perm"], state["partial"]
-        _set_rng_state(state["rng"])
+        saved_perm, partial = state["perm"], (state["partial"] if w.rank == 0 else 0.0)  # rank 0 holds the sum
+        perm_seed, saved_world = state.get("perm_seed"), state.get("world_size", 1)
+        if start_batch and saved_world != w.size:
+            raise PyrovaeError(f"{ckpt_path} stopped mid-epoch with {saved_world} processes: resume it with as many")
+        if saved_world == w.size:
+            _set_rng_state(state["rng"] if w.size == 1 else state["rng_ranks"][w.rank])
         config = config or state.get("config")
-    if out is not None:
+    if w.size > 1 or saved_world != w.size:
+        perm_seed = ddp.shared_seed(perm_seed)  # the same permutations on every rank
+        if saved_world != w.size or not resume:  # but each rank its own sample draws (binarisation, z)
+            pyro.set_rng_seed(ddp.mix_seed(perm_seed, w.rank, start_epoch))
+    if out is not None and w.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if config is not None:
             write_json(out / "config.json", config)
 
     def save(epoch: int, batch: int, perm: torch.Tensor | None, partial_total: float) -> None:
         if ckpt_path is None:
+            return
+        rng = _rng_state() if w.size == 1 else ddp.gather_to_first(_rng_state())  # every rank's: exact resume
+        if w.size > 1:
+            partial_total = float(ddp.all_sum(partial_total))
+        if w.rank != 0:
             return
         state = {
             "epoch": epoch,
@@ -280,15 +321,18 @@ def fit(
             "params": {name: p.detach().clone() for name, p in zip(names, params)},
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng": _rng_state(),
+            "rng": rng if w.size == 1 else rng[0],
+            "rng_ranks": rng if w.size > 1 else None,
+            "world_size": w.size,
+            "perm_seed": perm_seed,
             "history": history,
             "config": config,
         }
         atomic_write(ckpt_path, lambda f: torch.save(state, f))
         write_metrics(out / "metrics.csv", history)
 
-    result = FitResult(history=history, checkpoint=ckpt_path)
-    batches_per_epoch = math.ceil(n / batch_size)
+    result = FitResult(history=history, checkpoint=ckpt_path, data_parallel=mode)
+    batches_per_epoch = ddp.steps_per_epoch(n, batch_size, w.size)
     check_every = 1 if device.type == "cpu" else 100  # a CUDA check syncs the host: do it rarely
     steps = 0
     bar = tqdm(
@@ -297,7 +341,7 @@ def fit(
         unit="step",
         dynamic_ncols=True,
     )
-    with _StopFlag() as stop, bar, pyro.validation_enabled(validate):
+    with _StopFlag(sigterm=w.size > 1) as stop, bar, pyro.validation_enabled(validate):
         for epoch in range(start_epoch, epochs):
             beta = warmup_beta(epoch, warmup_epochs)
             t0 = time.perf_counter()
@@ -305,40 +349,57 @@ def fit(
                 perm, first = saved_perm.to(device), start_batch
                 total = torch.as_tensor(partial, device=device)
             else:
-                perm, first = torch.randperm(n, device=device), 0
+                perm = (
+                    torch.randperm(n, device=device)
+                    if w.size == 1
+                    else ddp.epoch_permutation(n, perm_seed, epoch, device)
+                )
+                first = 0
                 total = torch.zeros((), device=device)
             first_bad = torch.full((), -1, device=device, dtype=torch.long)
             for b in range(first, batches_per_epoch):
-                if stop.set or (max_steps is not None and steps >= max_steps):
+                halt = stop.set
+                if w.size > 1:  # every rank stops at the same step, and fails together
+                    halt, bad = ddp.agree(stop.set, first_bad) if b % check_every == 0 else (False, -1)
+                    if bad >= 0:
+                        raise _nonfinite(epoch, bad, ckpt_path)
+                if halt or (max_steps is not None and steps >= max_steps):
                     save(epoch, b, perm, float(total))
                     result.interrupted = True
                     return result
-                idx = perm[b * batch_size : (b + 1) * batch_size]
+                idx = ddp.shard(perm, b, batch_size, w)
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_of(_as_args(data.batch(idx)), beta)
-                if check_every == 1:
+                loss = step_loss(_as_args(data.batch(idx)), beta)
+                if check_every == 1 and w.size == 1:
                     if not math.isfinite(loss.item()):
                         raise _nonfinite(epoch, b, ckpt_path)
                 else:
                     first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), b, first_bad)
-                    if b % check_every == 0 and int(first_bad) >= 0:
+                    if w.size == 1 and b % check_every == 0 and int(first_bad) >= 0:
                         raise _nonfinite(epoch, int(first_bad), ckpt_path)
                 if differentiable:
                     loss.backward()
+                if grad_sync is not None:
+                    grad_sync()
                 if clip_norm:
                     torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
                 optimizer.step()
                 total += loss.detach() * (len(idx) / n)
                 steps += 1
                 bar.update()
-            if int(first_bad) >= 0:
-                raise _nonfinite(epoch, int(first_bad), ckpt_path)
-            train_elbo = -float(total) / n
+            bad = int(first_bad) if w.size == 1 else ddp.agree(False, first_bad)[1]
+            if bad >= 0:
+                raise _nonfinite(epoch, bad, ckpt_path)
+            train_elbo = -float(total if w.size == 1 else ddp.all_sum(total)) / n
             seconds = time.perf_counter() - t0
             row = {
                 "epoch": epoch + 1,
                 "train_elbo": train_elbo,
-                "val_elbo": evaluate_elbo(model, guide, val_data, val_estimator) if val_data is not None else math.nan,
+                "val_elbo": (
+                    evaluate_elbo(model, guide, val_data, val_estimator, distributed=w.size > 1)
+                    if val_data is not None
+                    else math.nan
+                ),
                 "seconds": seconds,
                 "beta": beta,
                 "lr": optimizer.param_groups[0]["lr"],
@@ -346,6 +407,8 @@ def fit(
             history.append(row)
             if scheduler is not None:
                 scheduler.step()
+            if w.size > 1:
+                ddp.assert_same_params(params, f"after epoch {epoch + 1}")
             save(epoch + 1, 0, None, 0.0)
             result.epochs_done = epoch + 1
             if callback is not None:
