@@ -31,6 +31,15 @@ class VAE(nn.Module):
         super().__init__()
         self.encoder, self.decoder, self.likelihood = encoder, decoder, likelihood
         self.z_dim, self.name = z_dim, name
+        self.autocast: torch.dtype | None = None  # e.g. torch.bfloat16: networks in mixed precision
+
+    def _run(self, net: nn.Module, x: torch.Tensor):
+        """A network call, under autocast if asked; outputs back in float32 for the distributions."""
+        if self.autocast is None:
+            return net(x)
+        with torch.autocast(x.device.type, dtype=self.autocast):
+            out = net(x)
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
 
     def prior(self, like: torch.Tensor) -> dist.Distribution:
         """p(z) = N(0, I), on the device and dtype of ``like``."""
@@ -42,12 +51,12 @@ class VAE(nn.Module):
         pyro.module(f"{self.name}.likelihood", self.likelihood)
         with data_plate(x, num_data):
             z = pyro.sample("z", self.prior(x))
-            pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
+            pyro.sample("x", self.likelihood(self._run(self.decoder, z)), obs=x)
 
     def guide(self, x: torch.Tensor, num_data: int | None = None) -> None:
         pyro.module(f"{self.name}.encoder", self.encoder)
         with data_plate(x, num_data):
-            loc, scale = self.encoder(x)
+            loc, scale = self._run(self.encoder, x)
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     # -- conveniences for evaluation and pictures (not used by training)

@@ -48,7 +48,9 @@ DEFAULTS: dict[str, Any] = {
     "train_size": None,
     "device": "auto",
     "seed": 0,
+    "autocast": None,
 }
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -93,6 +95,10 @@ def build_model(cfg: dict[str, Any], splits: Splits) -> VAE:
         pixel_mean=splits.train_pixel_mean.cpu(),
         sigma=cfg.get("sigma"),
     ).to(splits.train.device)
+    if cfg.get("autocast"):
+        if cfg["autocast"] not in AUTOCAST:
+            raise PyrovaeError(f"unknown --autocast {cfg['autocast']!r}; choose one of {', '.join(AUTOCAST)}")
+        vae.autocast = AUTOCAST[cfg["autocast"]]
     sample = splits.train.batch(torch.arange(min(1000, len(splits.train)), device=splits.train.device))
     vae.likelihood.check_support(sample, allow=cfg.get("allow_nonbinary", False))
     return vae

@@ -270,7 +270,9 @@ def fit(
     step_loss, grad_sync, mode = loss_of, None, ""
     if w.size > 1:  # DDP around the networks where it can, else an all-reduce of the gradients
         step_loss, grad_sync, mode = ddp.data_parallel(loss_of, model, guide, params, differentiable, device)
-    optimizer = torch.optim.Adam(params, lr=lr, foreach=True)
+    # one fused kernel for all parameters on CUDA; multi-tensor (foreach) kernels on a CPU
+    fused = device.type == "cuda" and all(p.is_cuda and p.is_floating_point() for p in params)
+    optimizer = torch.optim.Adam(params, lr=lr, fused=fused, foreach=None if fused else True)
     scheduler = _make_scheduler(optimizer, lr_schedule, lr_gamma, epochs)
 
     history: list[dict[str, float]] = []
