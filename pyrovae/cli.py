@@ -130,9 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = t.add_argument_group("run")
     g.add_argument("--device", help="auto, cpu or cuda (default auto)")
-    g.add_argument(
-        "--autocast", choices=["bf16", "fp16"], help="run the networks in mixed precision (likelihoods stay float32)"
-    )
+    g.add_argument("--autocast", choices=["bf16", "fp16"], help="run the networks in mixed precision (likelihoods stay float32)")
     g.add_argument("--seed", type=int, help="seed for initialisation, batching and sampling (default 0)")
     g.add_argument(
         "--nproc",
@@ -153,7 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SUBCOMMAND_MODULES = ("evaluate", "compare", "missing", "gap")  # modules whose register_cli(sub) adds their subcommand
+SUBCOMMAND_MODULES = (
+    "evaluate",
+    "compare",
+    "missing",
+    "gap",
+    "sampling",
+    "semisupervised",
+)  # modules whose register_cli(sub) adds their subcommand
 
 
 def train_config(args: argparse.Namespace) -> dict[str, Any]:
