@@ -130,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = t.add_argument_group("run")
     g.add_argument("--device", help="auto, cpu or cuda (default auto)")
-    g.add_argument("--autocast", choices=["bf16", "fp16"], help="run the networks in mixed precision (likelihoods stay float32)")
+    g.add_argument(
+        "--autocast", choices=["bf16", "fp16"], help="run the networks in mixed precision (likelihoods stay float32)"
+    )
     g.add_argument("--seed", type=int, help="seed for initialisation, batching and sampling (default 0)")
     g.add_argument(
         "--nproc",
