@@ -80,8 +80,10 @@ def setup(device: torch.device) -> torch.device:
 
 
 def teardown() -> None:
-    """Leave the process group (a no-op without one)."""
+    """Leave the process group (a no-op without one), after every rank got here: a rank that tears
+    down while another still talks to it can abort the other's gloo threads."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
