@@ -169,7 +169,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
             "bits_per_dim": bits_per_dim(vae_eval.log_likelihood.mean(), dims, bpd_kind),
             "likelihood_kind": f"importance-sampled, K={args.k}",
             "clustering": {
-                "source": f"{args.gmm_k}-component GMM on latent means",
+                "source": f"{args.gmm_k}-component GMM on latent means ({int(active.sum())} active units)",
                 **clustering_scores(y_test, latent_clusters),
             },
             "parameters": n_params(vae),
