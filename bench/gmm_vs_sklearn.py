@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> str:
             lines.append(row(k, cov, "pyro", run_pyro(args, k, cov, train, test, sk and sk["ll"]), dim))
             if sk is not None:
                 lines.append(row(k, cov, "sklearn", sk, dim))
+            print("\n".join(lines[-2:]), file=sys.stderr, flush=True)  # rows as they come, in case of a stop
     table = "\n".join(lines)
     print(table)
     if args.results:
