@@ -120,6 +120,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     else:
         cfg = {**DEFAULTS, **vae_settings, "dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs}
         cfg.update({"train_size": args.train_size, "device": args.device, "seed": args.seed, "arch": args.arch})
+        cfg.update({"root": args.root, "download": args.download})
         if args.likelihood:
             cfg["likelihood"] = args.likelihood
         t0 = time.perf_counter()
@@ -292,6 +293,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dataset", default="fashion-mnist", help="dataset name (default fashion-mnist)")
     p.add_argument("--data-dir", help="folder of the dataset files")
+    p.add_argument("--root", help="torchvision root: looked in after $PYROVAE_DATA, downloaded into with --download")
+    p.add_argument("--download", action="store_true", help="download the dataset with torchvision if not found")
     p.add_argument("--train-size", type=_positive_int, help="use only the first N training images")
     p.add_argument("--vae-run", help="load the VAE from this run folder instead of training one")
     p.add_argument("--arch", default="iwae", help="VAE arch preset when training (default iwae)")

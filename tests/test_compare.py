@@ -67,3 +67,17 @@ def test_compare_refuses_mismatched_runs_and_overwrites(tmp_path):
         )
         assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and message in res.stderr, res.stderr
     assert (out / "compare.json").read_bytes() == before
+
+
+def test_the_makefile_demo_command_parses():
+    # `make demo` is the README's first command: every option it passes must exist
+    import re
+    import shlex
+    from pathlib import Path
+
+    from pyrovae.cli import build_parser
+
+    text = (Path(__file__).resolve().parent.parent / "Makefile").read_text().replace("\\\n", " ")
+    line = re.search(r"\$\(BIN\)/pyrovae (compare[^\n]*)", text).group(1)
+    args = build_parser().parse_args(shlex.split(line))
+    assert args.command == "compare" and args.download and args.dataset == "fashion-mnist"
