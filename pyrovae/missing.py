@@ -20,7 +20,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from .errors import PyrovaeError
 from .likelihoods import Likelihood, make_likelihood
 from .models import data_plate
 from .nets import ACTIVATIONS, PRESETS, Arch, logit, make_networks
+from .runs import arch_from_config
 
 MASK_KINDS = ("random", "top-half", "mix")
 FILL = 0.0  # what the encoder sees in place of a missing pixel (the mask channel tells it apart)
@@ -295,27 +296,12 @@ def completion_grid(x: torch.Tensor, mask: torch.Tensor, completions: torch.Tens
 
 
 # ----------------------------------------------------------------------------------------- run folder
-def _arch(cfg: dict[str, Any]) -> Arch:
-    arch = PRESETS.get(cfg["arch"])
-    if arch is None:
-        raise PyrovaeError(f"unknown arch {cfg['arch']!r}; choose one of {', '.join(PRESETS)}")
-    if cfg.get("z_dim"):
-        arch = replace(arch, z_dim=int(cfg["z_dim"]))
-    if cfg.get("hidden"):
-        arch = replace(arch, hidden=tuple(int(h) for h in str(cfg["hidden"]).split(",")))
-    if cfg.get("activation"):
-        if cfg["activation"] not in ACTIVATIONS:
-            raise PyrovaeError(f"unknown activation {cfg['activation']!r}; choose one of {', '.join(ACTIVATIONS)}")
-        arch = replace(arch, activation=cfg["activation"])
-    return arch
-
-
 def build_masked_model(cfg: dict[str, Any], splits: Splits) -> MaskedVAE:
     """The run's masked VAE on the data's device, checked against the data's support."""
     vae = build_masked_vae(
         splits.train.shape,
         cfg["likelihood"],
-        _arch(cfg),
+        arch_from_config(cfg),
         pixel_mean=splits.train_pixel_mean.cpu(),
         sigma=cfg.get("sigma"),
     ).to(splits.train.device)

@@ -18,7 +18,7 @@ import torch
 from .data import Pixels, Splits, load_dataset, make_splits, synthetic
 from .errors import PyrovaeError
 from .models import VAE, build_vae
-from .nets import ACTIVATIONS, PRESETS
+from .nets import ACTIVATIONS, PRESETS, Arch
 
 DEFAULTS: dict[str, Any] = {
     "dataset": "fashion-mnist",
@@ -75,8 +75,8 @@ def load_splits(cfg: dict[str, Any], device: torch.device) -> Splits:
     return make_splits(raw, pixels, device, val_size=val_size, train_size=cfg.get("train_size"), seed=cfg["seed"])
 
 
-def build_model(cfg: dict[str, Any], splits: Splits) -> VAE:
-    """The run's VAE, on the data's device, checked against the data's support."""
+def arch_from_config(cfg: dict[str, Any]) -> Arch:
+    """The network architecture a config asks for: a preset with ``z_dim``/``hidden``/``activation`` overrides."""
     arch = PRESETS.get(cfg["arch"])
     if arch is None:
         raise PyrovaeError(f"unknown arch {cfg['arch']!r}; choose one of {', '.join(PRESETS)}")
@@ -88,6 +88,12 @@ def build_model(cfg: dict[str, Any], splits: Splits) -> VAE:
         if cfg["activation"] not in ACTIVATIONS:
             raise PyrovaeError(f"unknown activation {cfg['activation']!r}; choose one of {', '.join(ACTIVATIONS)}")
         arch = replace(arch, activation=cfg["activation"])
+    return arch
+
+
+def build_model(cfg: dict[str, Any], splits: Splits) -> VAE:
+    """The run's VAE, on the data's device, checked against the data's support."""
+    arch = arch_from_config(cfg)
     vae = build_vae(
         splits.train.shape,
         cfg["likelihood"],
