@@ -504,19 +504,9 @@ def _markdown(s: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
 def register_cli(sub: argparse._SubParsersAction) -> None:
     """Add ``pyrovae gap``."""
-    from .cli import _positive_float, _positive_int
+    from .cli import _count, _positive_float, _positive_int
 
     g = sub.add_parser(
         "gap",

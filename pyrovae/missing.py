@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -312,9 +311,7 @@ def build_masked_model(cfg: dict[str, Any], splits: Splits) -> MaskedVAE:
 
 def train_masked(cfg: dict[str, Any], out: str | Path, *, quiet: bool = False):
     """Train the masked VAE a config describes (``mask``, ``mask_rate`` on top of ``runs.DEFAULTS``) into ``out``."""
-    from . import __version__
-    from .runs import load_splits, resolve_device
-    from .train import fit
+    from .runs import fit_from_config, load_splits, resolve_device
 
     device = resolve_device(cfg["device"])
     pyro.set_rng_seed(cfg["seed"])
@@ -322,25 +319,7 @@ def train_masked(cfg: dict[str, Any], out: str | Path, *, quiet: bool = False):
     vae = build_masked_model(cfg, splits)
     train = MaskedImageData(splits.train, cfg["mask"], cfg["mask_rate"])
     val = MaskedImageData(splits.val, cfg["mask"], cfg["mask_rate"], fixed_seed=cfg["seed"] + 11)
-    versions = {"pyrovae": __version__, "pyro": pyro.__version__, "torch": torch.__version__}
-    record = {**cfg, "masked": True, "data_source": splits.source, "n_train": len(splits.train), "n_val": len(val)}
-    result = fit(
-        vae.model,
-        vae.guide,
-        train,
-        elbo=cfg["elbo"],
-        particles=cfg["particles"],
-        alpha=cfg["alpha"],
-        epochs=cfg["epochs"],
-        batch_size=cfg["batch_size"],
-        lr=cfg["lr"],
-        clip_norm=cfg["clip_norm"],
-        val_data=val,
-        out=out,
-        seed=cfg["seed"],
-        config={**record, "versions": {**versions, "python": platform.python_version()}},
-        quiet=quiet,
-    )
+    result = fit_from_config(cfg, vae, splits, train, val, out, quiet=quiet, record={"masked": True})
     return splits, vae, result
 
 

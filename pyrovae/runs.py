@@ -122,21 +122,38 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
 
 def train_vae(cfg: dict[str, Any], out: str | Path, *, resume: bool = False, quiet: bool = False):
     """Train (or resume) the VAE a config describes into run folder ``out``; returns (splits, vae, FitResult)."""
+    device = resolve_device(cfg["device"])
+    pyro.set_rng_seed(cfg["seed"])
+    splits = load_splits(cfg, device)
+    vae = build_model(cfg, splits)
+    result = fit_from_config(cfg, vae, splits, splits.train, splits.val, out, resume=resume, quiet=quiet)
+    return splits, vae, result
+
+
+def fit_from_config(
+    cfg: dict[str, Any],
+    vae,
+    splits: Splits,
+    train,
+    val,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    record: dict[str, Any] | None = None,
+):
+    """``fit`` with the optimisation settings of a run config; writes the config (plus data facts) with the run."""
     from . import __version__
     from .train import fit
 
     if cfg["elbo"] == "renyi" and cfg["alpha"] is None:
         raise PyrovaeError("--elbo renyi needs --alpha (e.g. 0.5)")
-    device = resolve_device(cfg["device"])
-    pyro.set_rng_seed(cfg["seed"])
-    splits = load_splits(cfg, device)
-    vae = build_model(cfg, splits)
     versions = {"pyrovae": __version__, "pyro": pyro.__version__, "torch": torch.__version__}
-    record = {**cfg, "data_source": splits.source, "n_train": len(splits.train), "n_val": len(splits.val)}
-    result = fit(
+    facts = {"data_source": splits.source, "n_train": len(splits.train), "n_val": len(val), **(record or {})}
+    return fit(
         vae.model,
         vae.guide,
-        splits.train,
+        train,
         elbo=cfg["elbo"],
         particles=cfg["particles"],
         alpha=cfg["alpha"],
@@ -147,14 +164,13 @@ def train_vae(cfg: dict[str, Any], out: str | Path, *, resume: bool = False, qui
         lr_schedule=cfg["lr_schedule"],
         lr_gamma=cfg["lr_gamma"],
         warmup_epochs=cfg["warmup_epochs"],
-        val_data=splits.val,
+        val_data=val,
         out=out,
         resume=resume,
         seed=None if resume else cfg["seed"],
-        config={**record, "versions": {**versions, "python": platform.python_version()}},
+        config={**cfg, **facts, "versions": {**versions, "python": platform.python_version()}},
         quiet=quiet,
     )
-    return splits, vae, result
 
 
 def load_module_params(module: torch.nn.Module, name: str, run_dir: str | Path, device: torch.device) -> dict:
