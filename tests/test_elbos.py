@@ -7,6 +7,7 @@ import math
 import pyro
 import pytest
 import torch
+from pyro.distributions import constraints
 from pyro.infer import RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from pyrovae import ESTIMATORS, PyrovaeError, RenyiBound, evaluate_elbo, fit, make_elbo
@@ -135,20 +136,24 @@ def test_iwae_refuses_sites_outside_the_data_plate(tiny_splits):
 @pytest.mark.parametrize(
     "ours, pyros", [(Trace, Trace_ELBO), (MeanField, TraceMeanField_ELBO)], ids=["trace", "meanfield"]
 )
-def test_on_device_estimators_equal_pyros_and_never_sync(ours, pyros, tiny_vae, tiny_splits, monkeypatch):
-    # Same seed, same draws: the same loss and the same gradients as Pyro's estimator (float32 rounding).
+@pytest.mark.parametrize("vectorize", [True, False], ids=["vectorized", "loop"])
+def test_on_device_estimators_equal_pyros_and_never_sync(ours, pyros, vectorize, tiny_vae, tiny_splits, monkeypatch):
+    # Same seed, same draws: the same loss and the same gradients as Pyro's estimator (float32 rounding),
+    # both on the validated path (Pyro's traces) and on the lean hot-loop path (validation off).
     x = tiny_splits.val.batch(torch.arange(40))
     results = []
-    for cls in (ours, pyros):
+    for cls, validate in ((pyros, True), (ours, True), (ours, False)):
         tiny_vae.zero_grad()
         pyro.set_rng_seed(9)
-        loss = cls(num_particles=3, vectorize_particles=True).differentiable_loss(
-            tiny_vae.model, tiny_vae.guide, x, num_data=400
-        )
+        with pyro.validation_enabled(validate):
+            loss = cls(num_particles=3, vectorize_particles=vectorize).differentiable_loss(
+                tiny_vae.model, tiny_vae.guide, x, num_data=400
+            )
         loss.backward()
         results.append((float(loss.detach()), [p.grad.clone() for p in tiny_vae.parameters()]))
-    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
-    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(results[0][1], results[1][1]))
+    for loss, grads in results[1:]:
+        assert loss == pytest.approx(results[0][0], rel=1e-6)
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(grads, results[0][1]))
 
     # and no host round trip: .item() / bool() of a tensor would be a CUDA sync
     def refuse(*_):
@@ -158,3 +163,33 @@ def test_on_device_estimators_equal_pyros_and_never_sync(ours, pyros, tiny_vae, 
     monkeypatch.setattr(torch.Tensor, "__bool__", refuse)
     with pyro.validation_enabled(False):
         ours(num_particles=2, vectorize_particles=True).differentiable_loss(tiny_vae.model, tiny_vae.guide, x)
+
+
+@pytest.mark.parametrize("ours, pyros", [(Trace, Trace_ELBO), (MeanField, TraceMeanField_ELBO)], ids=["trace", "mf"])
+def test_lean_path_keeps_score_function_terms(ours, pyros):
+    # A discrete latent inside a subsampled plate: the lean path must fall back to Pyro's full bookkeeping
+    # (log p/q of every site for Trace's score-function surrogate; the analytic Bernoulli KL for
+    # MeanField); same loss and gradients as Pyro's.
+    data = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 1.0])
+
+    def model(x):
+        with pyro.plate("data", 12, subsample=torch.arange(len(x))):
+            c = pyro.sample("c", pyro.distributions.Bernoulli(0.4))
+            pyro.sample("x", pyro.distributions.Normal(c * 2.0 - 1.0, 1.0), obs=x)
+
+    def guide(x):
+        p = pyro.param("p", torch.full((len(x),), 0.3), constraint=constraints.unit_interval)
+        with pyro.plate("data", 12, subsample=torch.arange(len(x))):
+            pyro.sample("c", pyro.distributions.Bernoulli(p))
+
+    results = []
+    for cls in (pyros, ours):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(3)
+        with pyro.validation_enabled(False):  # Pyro's mean-field check refuses a discrete site
+            loss = cls(num_particles=4, vectorize_particles=True).differentiable_loss(model, guide, data)
+        (grad,) = torch.autograd.grad(loss, [pyro.param("p").unconstrained()])
+        results.append((float(loss.detach()), grad))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    assert torch.allclose(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)
+    assert results[0][1].abs().sum() > 0  # the score-function gradient is really there

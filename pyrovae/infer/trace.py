@@ -1,23 +1,69 @@
-"""Trace_ELBO and TraceMeanField_ELBO whose loss stays on the device.
+"""Trace_ELBO and TraceMeanField_ELBO whose loss stays on the device, traced without waste.
 
 Pyro's versions call ``.item()`` on every site's log-probability and on the surrogate loss, and
 check the loss for NaN on the host: each is a CUDA synchronisation, several per step. These
 subclasses compute the same loss and the same gradients with detached tensors instead; ``fit``
-checks for NaN itself, rarely. Everything else (tracing, plates, KL dispatch) is Pyro's.
+checks for NaN itself, rarely. With validation on (``fit``'s first step) the traces are Pyro's own,
+checks included. In the hot loop (validation off) the guide is traced and the model replayed as Pyro
+does, but the traces are not copied to prune the plates' subsample sites (the loss skips them) and
+only the log-probabilities the estimator uses are computed: under analytic KL, neither log p(z) nor
+log q(z) is. Everything else (tracing, plates, replay, KL dispatch) is Pyro's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import pyro.poutine as poutine
 import torch
 from pyro.distributions.kl import kl_divergence
 from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.trace_elbo import _compute_log_r
 from pyro.infer.util import check_fully_reparametrized, is_validation_enabled
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+
+
+def sample_sites(trace: poutine.Trace) -> Iterator[tuple[str, dict]]:
+    """The sample sites of a trace, without the plates' subsample sites."""
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and not site_is_subsample(site):
+            yield name, site
+
+
+def log_prob_sum(site: dict) -> torch.Tensor:
+    """The site's scaled and masked log-probability, summed; computed once and memoised as Pyro does."""
+    if "log_prob_sum" not in site:
+        log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+        log_p = scale_and_mask(log_p, site["scale"], site["mask"])
+        site["log_prob"], site["log_prob_sum"] = log_p, log_p.sum()
+    return site["log_prob_sum"]
+
+
+def score_parts(site: dict):
+    """The site's scaled and masked ScoreParts (log_prob, score function, entropy), memoised."""
+    if "score_parts" not in site:
+        parts = site["fn"].score_parts(site["value"], *site["args"], **site["kwargs"])
+        parts = parts.scale_and_mask(site["scale"], site["mask"])
+        site["score_parts"], site["log_prob"], site["log_prob_sum"] = parts, parts.log_prob, parts.log_prob.sum()
+    return site["score_parts"]
 
 
 class _OnDevice:
     """``differentiable_loss`` as Pyro's, without host round trips."""
+
+    def _get_trace(self, model, guide, args, kwargs):
+        if is_validation_enabled() or isinstance(poutine.unwrap(guide), Messenger):
+            return super()._get_trace(model, guide, args, kwargs)  # Pyro's, with its checks
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        if not all(site["fn"].has_rsample for _, site in sample_sites(guide_trace)):
+            # score-function terms weigh by log p/q of every site: Pyro's full bookkeeping
+            model_trace, guide_trace = prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
+            model_trace.compute_log_prob()
+            guide_trace.compute_score_parts()
+        return model_trace, guide_trace
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         loss, surrogate = 0.0, 0.0
@@ -33,33 +79,37 @@ class Trace(_OnDevice, Trace_ELBO):
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
         elbo, surrogate, log_r = 0.0, 0.0, None
-        for site in model_trace.nodes.values():
-            if site["type"] == "sample":
-                elbo = elbo + site["log_prob_sum"].detach()
-                surrogate = surrogate + site["log_prob_sum"]
-        for site in guide_trace.nodes.values():
-            if site["type"] == "sample":
-                _, score_function_term, entropy_term = site["score_parts"]
-                elbo = elbo - site["log_prob_sum"].detach()
-                if not is_identically_zero(entropy_term):
-                    surrogate = surrogate - entropy_term.sum()
-                if not is_identically_zero(score_function_term):
-                    if log_r is None:
-                        log_r = _compute_log_r(model_trace, guide_trace)
-                    surrogate = surrogate + (log_r.sum_to(site["cond_indep_stack"]) * score_function_term).sum()
+        for _, site in sample_sites(model_trace):
+            log_p = log_prob_sum(site)
+            elbo = elbo + log_p.detach()
+            surrogate = surrogate + log_p
+        for _, site in sample_sites(guide_trace):
+            _, score_function_term, entropy_term = score_parts(site)
+            elbo = elbo - site["log_prob_sum"].detach()
+            if not is_identically_zero(entropy_term):
+                surrogate = surrogate - entropy_term.sum()
+            if not is_identically_zero(score_function_term):
+                if log_r is None:
+                    log_r = _compute_log_r(model_trace, guide_trace)
+                surrogate = surrogate + (log_r.sum_to(site["cond_indep_stack"]) * score_function_term).sum()
         return -elbo, -surrogate
 
 
 class MeanField(_OnDevice, TraceMeanField_ELBO):
     """TraceMeanField_ELBO (analytic KL where registered, else Monte Carlo), on the device."""
 
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        # every term is differentiable: the loss is its own surrogate, no detach and re-attach needed
+        loss = 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            loss = loss + self._differentiable_loss_particle(model_trace, guide_trace)[1]
+        return loss / self.num_particles if self.num_particles > 1 else loss
+
     def _differentiable_loss_particle(self, model_trace, guide_trace):
         elbo = 0.0
-        for name, model_site in model_trace.nodes.items():
-            if model_site["type"] != "sample":
-                continue
+        for name, model_site in sample_sites(model_trace):
             if model_site["is_observed"]:
-                elbo = elbo + model_site["log_prob_sum"]
+                elbo = elbo + log_prob_sum(model_site)
                 continue
             guide_site = guide_trace.nodes[name]
             if is_validation_enabled():
@@ -68,10 +118,10 @@ class MeanField(_OnDevice, TraceMeanField_ELBO):
                 kl = kl_divergence(guide_site["fn"], model_site["fn"])
                 elbo = elbo - scale_and_mask(kl, scale=guide_site["scale"], mask=guide_site["mask"]).sum()
             except NotImplementedError:
-                elbo = elbo + model_site["log_prob_sum"] - guide_site["score_parts"].entropy_term.sum()
-        for name, guide_site in guide_trace.nodes.items():  # auxiliary guide sites
-            if guide_site["type"] == "sample" and name not in model_trace.nodes:
+                elbo = elbo + log_prob_sum(model_site) - score_parts(guide_site).entropy_term.sum()
+        for name, guide_site in sample_sites(guide_trace):  # auxiliary guide sites
+            if name not in model_trace.nodes:
                 if is_validation_enabled():
                     check_fully_reparametrized(guide_site)
-                elbo = elbo - guide_site["score_parts"].entropy_term.sum()
+                elbo = elbo - score_parts(guide_site).entropy_term.sum()
         return -elbo.detach(), -elbo
