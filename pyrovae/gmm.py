@@ -30,7 +30,7 @@ from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO
 from torch import nn
 
 from .errors import PyrovaeError
-from .models import data_plate
+from .models import data_plate, register
 
 COVARIANCES = ("diag", "full")
 FAMILIES = ("gaussian", "bernoulli")
@@ -225,7 +225,7 @@ class GMM(nn.Module):
     # -- Pyro programs
     def model(self, x: torch.Tensor, *_: torch.Tensor, num_data: int | None = None) -> None:
         """x_i ~ mixture (marginal) or k_i ~ Cat(w), x_i ~ p(x | theta_{k_i}) with k_i enumerated."""
-        pyro.module(self.name, self)
+        register(self.name, self)
         x = self.flatten(x)
         with data_plate(x, num_data):
             if self.assignment == "marginal":

@@ -31,7 +31,7 @@ from torch import nn
 from .data import ImageData, Splits
 from .errors import PyrovaeError
 from .likelihoods import Likelihood, make_likelihood
-from .models import data_plate
+from .models import data_plate, register
 from .nets import ACTIVATIONS, PRESETS, Arch, logit, make_networks
 from .runs import arch_from_config
 
@@ -130,15 +130,15 @@ class MaskedVAE(nn.Module):
         return self.likelihood.distribution(out).mask(mask).to_event(3)
 
     def model(self, x: torch.Tensor, mask: torch.Tensor, num_data: int | None = None) -> None:
-        pyro.module(f"{self.name}.decoder", self.decoder)
-        pyro.module(f"{self.name}.likelihood", self.likelihood)
+        register(f"{self.name}.decoder", self.decoder)
+        register(f"{self.name}.likelihood", self.likelihood)
         with data_plate(x, num_data):
             z = pyro.sample("z", self.prior(x))
             # missing values are replaced (NaN allowed there) so that no gradient can pass through them
             pyro.sample("x", self.masked_likelihood(self.decoder(z), mask), obs=torch.where(mask, x, FILL))
 
     def guide(self, x: torch.Tensor, mask: torch.Tensor, num_data: int | None = None) -> None:
-        pyro.module(f"{self.name}.encoder", self.encoder)
+        register(f"{self.name}.encoder", self.encoder)
         with data_plate(x, num_data):
             pyro.sample("z", self.q(x, mask))
 

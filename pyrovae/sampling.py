@@ -288,7 +288,7 @@ def fit_latent_gmm(vae: VAE, train_codes: PosteriorCodes, k: int = 20, seed: int
     z = train_codes.all()
     if len(z) < k:
         raise PyrovaeError(f"--gmm-k {k} is more than the {len(z)} training codes")
-    gmm, _ = fit_mixture_latent(z, k, seed)
+    gmm, _ = fit_mixture_latent(z, k, seed, covariance="diag")
     pyro.clear_param_store()
     return LatentGMMSampler(vae, gmm)
 

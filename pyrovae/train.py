@@ -41,6 +41,7 @@ from . import distributed as ddp
 from .data import Dataset, TensorData
 from .errors import NonFiniteLoss, PyrovaeError
 from .infer import LatentScale, MeanField, make_elbo, warmup_beta
+from .models import parameters_collected
 
 METRIC_COLUMNS = ["epoch", "train_elbo", "val_elbo", "seconds", "beta", "lr"]
 LR_SCHEDULES = ("none", "cosine", "exponential")
@@ -343,7 +344,8 @@ def fit(
         unit="step",
         dynamic_ncols=True,
     )
-    with _StopFlag(sigterm=w.size > 1) as stop, bar, pyro.validation_enabled(validate):
+    hot = parameters_collected() if differentiable else nullcontext()  # loss_and_grads needs param sites
+    with _StopFlag(sigterm=w.size > 1) as stop, bar, pyro.validation_enabled(validate), hot:
         for epoch in range(start_epoch, epochs):
             beta = warmup_beta(epoch, warmup_epochs)
             t0 = time.perf_counter()
@@ -359,6 +361,7 @@ def fit(
                 first = 0
                 total = torch.zeros((), device=device)
             first_bad = torch.full((), -1, device=device, dtype=torch.long)
+            host_total = 0.0  # the same sum, read on the host where that is free (one process on a CPU)
             for b in range(first, batches_per_epoch):
                 halt = stop.set
                 if w.size > 1:  # every rank stops at the same step, and fails together
@@ -366,15 +369,17 @@ def fit(
                     if bad >= 0:
                         raise _nonfinite(epoch, bad, ckpt_path)
                 if halt or (max_steps is not None and steps >= max_steps):
-                    save(epoch, b, perm, float(total))
+                    save(epoch, b, perm, float(total) + host_total)
                     result.interrupted = True
                     return result
                 idx = ddp.shard(perm, b, batch_size, w)
                 optimizer.zero_grad(set_to_none=True)
                 loss = step_loss(_as_args(data.batch(idx)), beta)
-                if check_every == 1 and w.size == 1:
-                    if not math.isfinite(loss.item()):
+                if check_every == 1 and w.size == 1:  # on a CPU reading the loss costs nothing
+                    value = loss.item()
+                    if not math.isfinite(value):
                         raise _nonfinite(epoch, b, ckpt_path)
+                    host_total += value * (len(idx) / n)
                 else:
                     first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), b, first_bad)
                     if w.size == 1 and b % check_every == 0 and int(first_bad) >= 0:
@@ -386,13 +391,14 @@ def fit(
                 if clip_norm:
                     torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
                 optimizer.step()
-                total += loss.detach() * (len(idx) / n)
+                if not (check_every == 1 and w.size == 1):
+                    total += loss.detach() * (len(idx) / n)
                 steps += 1
                 bar.update()
             bad = int(first_bad) if w.size == 1 else ddp.agree(False, first_bad)[1]
             if bad >= 0:
                 raise _nonfinite(epoch, bad, ckpt_path)
-            train_elbo = -float(total if w.size == 1 else ddp.all_sum(total)) / n
+            train_elbo = -(float(total if w.size == 1 else ddp.all_sum(total)) + host_total) / n
             seconds = time.perf_counter() - t0
             row = {
                 "epoch": epoch + 1,
