@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import TraceMeanField_ELBO
 
 from pyrovae import LIKELIHOODS, Pixels, PyrovaeError, build_vae, fit, make_likelihood, make_splits, synthetic
+from pyrovae.likelihoods import BernoulliImage
 from pyrovae.nets import Arch
 
 CONV = Arch("conv", (8, 16), "relu", 4)
@@ -79,3 +81,24 @@ def test_bf16_autocast_runs_the_networks_in_mixed_precision():
         losses.append(float(TraceMeanField_ELBO().differentiable_loss(vae.model, vae.guide, x)))
         assert vae._run(vae.decoder, torch.zeros(2, 4)).dtype == torch.float32
     assert losses[0] != losses[1] and abs(losses[1] - losses[0]) < 0.02 * abs(losses[0])
+
+
+def test_bernoulli_image_log_prob_equals_torch_bernoulli():
+    # Σ x·l − softplus(l) is Bernoulli(logits).to_event(3).log_prob, for binary x and (as the
+    # cross-entropy) for grey x; gradients too; and plates' expand keeps the fast class.
+    torch.manual_seed(0)
+    logits = (4 * torch.randn(5, 3, 1, 28, 28)).requires_grad_(True)
+    lik = make_likelihood("bernoulli")
+    for x in ((torch.rand(3, 1, 28, 28) < 0.3).float(), torch.rand(3, 1, 28, 28)):
+        ours = lik(logits)
+        assert isinstance(ours, BernoulliImage)
+        ref = dist.Bernoulli(logits=logits, validate_args=False).to_event(3)
+        a, b = ours.log_prob(x), ref.log_prob(x)
+        assert a.shape == b.shape == (5, 3)
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-3)  # sums of 784 float32 terms of size ~4
+        (ga,) = torch.autograd.grad(a.sum(), logits)
+        (gb,) = torch.autograd.grad(b.sum(), logits)
+        assert torch.allclose(ga, gb, atol=1e-6)
+    expanded = lik(logits[:, :1]).expand((5, 3))
+    assert isinstance(expanded, BernoulliImage) and expanded.batch_shape == (5, 3)
+    assert lik(logits).sample().shape == logits.shape
