@@ -11,6 +11,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pyrovae import Pixels, PyrovaeError, make_splits, synthetic
 from pyrovae.cli import main
@@ -160,3 +161,19 @@ def test_semisupervised_cli_bad_input_gives_one_line_and_exit_2(tmp_path, extra,
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in res.stderr and message in lines[0], res.stderr
     assert not (tmp_path / "o" / "ssl.json").exists()
+
+
+def test_encoder_first_layer_split_equals_the_concatenation():
+    # encode() computes W_x x once and looks up W_y[:, y]; it must equal the MLP on [x; onehot(y)],
+    # for observed labels (B,) and for the enumerated y of shape (10, 1) against x of shape (B, ...).
+    torch.manual_seed(0)
+    m2 = M2((1, 28, 28), hidden=(32,), z_dim=4)
+    x = torch.rand(6, 1, 28, 28)
+    for y in (torch.randint(10, (6,)), torch.arange(10).reshape(10, 1)):
+        flat = x.flatten(-3)
+        lead = torch.broadcast_shapes(flat.shape[:-1], y.shape)
+        cat = torch.cat([flat.expand(*lead, 784), F.one_hot(y, 10).float().expand(*lead, 10)], -1)
+        loc_ref, log_scale_ref = m2.encoder(cat).chunk(2, -1)
+        loc, scale = m2.encode(x, y)
+        assert loc.shape == loc_ref.shape == (*lead, 4)
+        assert torch.allclose(loc, loc_ref, atol=1e-5) and torch.allclose(scale, log_scale_ref.exp(), atol=1e-5)
