@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).parent))
 from common import append_results, markdown_table  # noqa: E402
 
-from pyrovae.evaluate import _traces, log_likelihood  # noqa: E402
+from pyrovae.evaluate import CPU_CHUNK_MB, DEFAULT_MEMORY_MB, _traces, log_likelihood  # noqa: E402
 from pyrovae.runs import load_run  # noqa: E402
 
 
@@ -75,7 +75,8 @@ def main() -> None:
             [
                 f"{args.k}",
                 f"{len(x)}",
-                "default" if mb is None else f"{mb:g}",
+                f"{mb or DEFAULT_MEMORY_MB:g}"
+                + (f" ({CPU_CHUNK_MB:g} used on a CPU)" if device.type == "cpu" and (mb or 1e9) > CPU_CHUNK_MB else ""),
                 f"{rate:.1f}",
                 f"{10000 / rate:.0f}",
                 f"{per_image / 1e9:.2f}",

@@ -39,6 +39,7 @@ KHAT_GOOD, KHAT_BAD = 0.5, 0.7
 EQUAL_WEIGHTS = 1e-4  # log-weights spread less than this: the weights are equal, k̂ is 0
 MIN_K_FOR_KHAT = 30  # ArviZ needs a tail of at least 5 weights: min(0.2 K, 3 sqrt K) > 4
 DEFAULT_MEMORY_MB = 1024.0
+CPU_CHUNK_MB = 64.0  # on a CPU larger chunks only cost cache misses: 1024 MB ran 1.5x slower than 64 here
 ACTIVE_THRESHOLD = 0.01  # Burda et al. 2016: unit d is active when Var_x E_q[z_d | x] > 0.01
 
 
@@ -180,7 +181,10 @@ def _sweep(
     if n == 0:
         return
     pdim = -_max_plate_nesting(model, guide, x[: min(n, 2)]) - 1
-    kc, b = _plan(k, n, chunk_size, batch_size, memory_mb, lambda: _bytes_per_pair(model, guide, x, pdim))
+    budget = memory_mb or DEFAULT_MEMORY_MB
+    if x.device.type == "cpu":  # the budget is a ceiling: use less where that is faster
+        budget = min(budget, CPU_CHUNK_MB)
+    kc, b = _plan(k, n, chunk_size, batch_size, budget, lambda: _bytes_per_pair(model, guide, x, pdim))
     bar = tqdm(total=n, disable=not progress, unit="img", dynamic_ncols=True, desc=f"log p(x), K={k}")
     with torch.no_grad(), pyro.validation_enabled(False), bar:
         for start in range(0, n, b):
@@ -301,7 +305,7 @@ def log_likelihood(
     """One importance-sampled estimate of log p(x_i) per datapoint: log-mean-exp of K weights, shape (B,).
 
     ``chunk_size`` particles and ``batch_size`` datapoints go through the model per call; left out,
-    they are the most that keep a call under ``memory_mb`` (default 1024). With ``return_log_weights``,
+    they are the most that keep a call under ``memory_mb`` (default 1024; on a CPU at most 64, faster). With ``return_log_weights``,
     also the (B, K) log-weights. Draws come from Pyro's (torch's) global RNG; runs on ``x``'s device.
     """
     out, weights = [], []
