@@ -224,13 +224,15 @@ def load_mixture(run_dir: Path, family: str, like) -> tuple[GMM, float]:
     return gmm, sum(float(r) for r in _metric_column(run_dir, "seconds"))
 
 
-def fit_mixture_latent(z: torch.Tensor, k: int, seed: int) -> tuple[GMM, float]:
-    """A diagonal GMM on latent codes (a plain tensor), by the same fit."""
+def fit_mixture_latent(z: torch.Tensor, k: int, seed: int, covariance: str = "full") -> tuple[GMM, float]:
+    """A GMM on latent codes (a plain tensor), by the same fit. Full covariance by default: the posterior
+    means mix units of variance ~1 with barely active ones (~0.01); a diagonal mixture spends its
+    components on the sharp structure of the latter (Fashion-MNIST: NMI 0.06 diag vs 0.56 full)."""
     from .data import TensorData
 
     t0 = time.perf_counter()
     pyro.set_rng_seed(seed)
-    gmm = GMM(k, z.shape[1], covariance="diag", name="latent_gmm").to(z.device)
+    gmm = GMM(k, z.shape[1], covariance=covariance, name="latent_gmm").to(z.device)
     gmm.initialize(z, generator=torch.Generator(device=z.device).manual_seed(seed))
     fit(gmm.model, gmm.guide, TensorData(z), elbo=gmm.elbo(), epochs=10, batch_size=512, lr=0.02, quiet=True)
     return gmm, time.perf_counter() - t0
