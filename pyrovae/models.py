@@ -9,6 +9,7 @@ that the minibatch loss is an unbiased estimate of the full-data ELBO.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -44,9 +45,15 @@ def parameters_collected() -> Iterator[None]:
         _COLLECTED = before
 
 
+@functools.lru_cache(maxsize=16)
+def _indices(n: int, device: torch.device) -> torch.Tensor:
+    """0..n-1 on ``device``, made once per batch size (a fresh arange per plate per step costs ~10 µs)."""
+    return torch.arange(n, device=device)
+
+
 def data_plate(x: torch.Tensor, num_data: int | None) -> pyro.plate:
     """The plate over datapoints: a minibatch of ``len(x)`` out of ``num_data`` (default: all of them)."""
-    return pyro.plate("data", num_data or len(x), subsample=torch.arange(len(x), device=x.device))
+    return pyro.plate("data", num_data or len(x), subsample=_indices(len(x), x.device))
 
 
 class VAE(nn.Module):

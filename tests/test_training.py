@@ -146,3 +146,30 @@ def test_fit_refuses_bad_settings(tiny_vae, tiny_splits, tmp_path):
         fit(tiny_vae.model, tiny_vae.guide, tiny_splits.train, lr_schedule="warp")
     with pytest.raises(PyrovaeError, match="nothing to resume"):
         fit(tiny_vae.model, tiny_vae.guide, tiny_splits.train, out=tmp_path, resume=True)
+
+
+def test_registration_is_skipped_only_inside_fits_hot_loop(tiny_vae, tiny_splits):
+    # Outside fit the built-in programs register their parameters on every call, so Pyro's own SVI
+    # (which collects param sites per step) still trains them; inside parameters_collected() they don't.
+    from pyro.infer import SVI
+    from pyro.optim import Adam
+
+    from pyrovae.models import parameters_collected
+
+    x = tiny_splits.train.batch(torch.arange(20))
+
+    def param_sites() -> int:
+        with pyro.poutine.trace(param_only=True) as tr:
+            tiny_vae.model(x)
+            tiny_vae.guide(x)
+        return len(tr.trace.nodes)
+
+    assert param_sites() == len(list(tiny_vae.parameters()))
+    with parameters_collected():
+        assert param_sites() == 0
+    assert param_sites() > 0  # restored on exit
+    pyro.clear_param_store()
+    before = [p.detach().clone() for p in tiny_vae.parameters()]
+    svi = SVI(tiny_vae.model, tiny_vae.guide, Adam({"lr": 1e-2}), TraceMeanField_ELBO())
+    svi.step(x)
+    assert all(not torch.equal(a, b) for a, b in zip(before, tiny_vae.parameters()))
