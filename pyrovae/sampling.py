@@ -31,7 +31,7 @@ from torch import nn
 
 from .errors import PyrovaeError
 from .gmm import GMM
-from .models import VAE, data_plate
+from .models import VAE, data_plate, register
 from .nets import _mlp
 
 CODES = ("sample", "mean")
@@ -187,8 +187,8 @@ class LatentVAE(nn.Module):
         return float(self.log_gamma.detach().exp())
 
     def model(self, z: torch.Tensor, num_data: int | None = None) -> None:
-        pyro.module(f"{self.name}.decoder", self.decoder)
-        pyro.module(f"{self.name}.noise", self.noise)
+        register(f"{self.name}.decoder", self.decoder)
+        register(f"{self.name}.noise", self.noise)
         with data_plate(z, num_data):
             zeros = z.new_zeros(self.u_dim)
             u = pyro.sample("u", dist.Normal(zeros, zeros + 1).to_event(1))
@@ -196,7 +196,7 @@ class LatentVAE(nn.Module):
             pyro.sample("z", dist.Normal(self.decoder(u), scale).to_event(1), obs=z)
 
     def guide(self, z: torch.Tensor, num_data: int | None = None) -> None:
-        pyro.module(f"{self.name}.encoder", self.encoder)
+        register(f"{self.name}.encoder", self.encoder)
         with data_plate(z, num_data):
             loc, log_scale = self.encoder(z).chunk(2, dim=-1)
             pyro.sample("u", dist.Normal(loc, log_scale.exp()).to_event(1))
