@@ -185,7 +185,13 @@ def _sweep(
     if x.device.type == "cpu":  # the budget is a ceiling: use less where that is faster
         budget = min(budget, CPU_CHUNK_MB)
     kc, b = _plan(k, n, chunk_size, batch_size, budget, lambda: _bytes_per_pair(model, guide, x, pdim))
-    bar = tqdm(total=n, disable=not progress, unit="img", dynamic_ncols=True, desc=f"log p(x), K={k}")
+    bar = tqdm(
+        total=n,
+        disable=not progress or not sys.stderr.isatty(),
+        unit="img",
+        dynamic_ncols=True,
+        desc=f"log p(x), K={k}",
+    )
     with torch.no_grad(), pyro.validation_enabled(False), bar:
         for start in range(0, n, b):
             xb = x[start : start + b]
