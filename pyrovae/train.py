@@ -337,6 +337,7 @@ def fit(
     result = FitResult(history=history, checkpoint=ckpt_path, data_parallel=mode)
     batches_per_epoch = ddp.steps_per_epoch(n, batch_size, w.size)
     check_every = 1 if device.type == "cpu" else 100  # a CUDA check syncs the host: do it rarely
+    read_each_step = check_every == 1 and w.size == 1  # one process on a CPU: reading the loss costs nothing
     steps = 0
     bar = tqdm(
         total=(epochs - start_epoch) * batches_per_epoch - start_batch,
@@ -361,7 +362,7 @@ def fit(
                 first = 0
                 total = torch.zeros((), device=device)
             first_bad = torch.full((), -1, device=device, dtype=torch.long)
-            host_total = 0.0  # the same sum, read on the host where that is free (one process on a CPU)
+            host_total = 0.0  # the epoch's loss sum when read_each_step (else it sums on the device in total)
             for b in range(first, batches_per_epoch):
                 halt = stop.set
                 if w.size > 1:  # every rank stops at the same step, and fails together
@@ -375,7 +376,7 @@ def fit(
                 idx = ddp.shard(perm, b, batch_size, w)
                 optimizer.zero_grad(set_to_none=True)
                 loss = step_loss(_as_args(data.batch(idx)), beta)
-                if check_every == 1 and w.size == 1:  # on a CPU reading the loss costs nothing
+                if read_each_step:
                     value = loss.item()
                     if not math.isfinite(value):
                         raise _nonfinite(epoch, b, ckpt_path)
@@ -384,6 +385,7 @@ def fit(
                     first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), b, first_bad)
                     if w.size == 1 and b % check_every == 0 and int(first_bad) >= 0:
                         raise _nonfinite(epoch, int(first_bad), ckpt_path)
+                    total += loss.detach() * (len(idx) / n)
                 if differentiable:
                     loss.backward()
                 if grad_sync is not None:
@@ -391,8 +393,6 @@ def fit(
                 if clip_norm:
                     torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
                 optimizer.step()
-                if not (check_every == 1 and w.size == 1):
-                    total += loss.detach() * (len(idx) / n)
                 steps += 1
                 bar.update()
             bad = int(first_bad) if w.size == 1 else ddp.agree(False, first_bad)[1]
