@@ -51,9 +51,9 @@ def _indices(n: int, device: torch.device) -> torch.Tensor:
     return torch.arange(n, device=device)
 
 
-def data_plate(x: torch.Tensor, num_data: int | None) -> pyro.plate:
+def data_plate(x: torch.Tensor, num_data: int | None, name: str = "data") -> pyro.plate:
     """The plate over datapoints: a minibatch of ``len(x)`` out of ``num_data`` (default: all of them)."""
-    return pyro.plate("data", num_data or len(x), subsample=_indices(len(x), x.device))
+    return pyro.plate(name, num_data or len(x), subsample=_indices(len(x), x.device))
 
 
 class VAE(nn.Module):

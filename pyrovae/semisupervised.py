@@ -127,7 +127,7 @@ class M2(nn.Module):
         if xl is not None:
             if self.alpha:
                 register(f"{self.name}.classifier", self.classifier)
-            with _labelled_plate(xl, num_labelled):
+            with data_plate(xl, num_labelled, "labelled"):
                 pyro.sample("y_l", self.prior_y(xl), obs=yl)
                 z = pyro.sample("z_l", self.prior_z(xl))
                 pyro.sample("x_l", self.likelihood(self.decode(z, yl), len(self.shape)), obs=xl)
@@ -152,7 +152,7 @@ class M2(nn.Module):
         """q(z | x, y) for the labelled; q(y | x) enumerated, then q(z | x, y), for the unlabelled."""
         register(f"{self.name}.encoder", self.encoder)
         if xl is not None:
-            with _labelled_plate(xl, num_labelled):
+            with data_plate(xl, num_labelled, "labelled"):
                 loc, scale = self.encode(xl, yl)
                 pyro.sample("z_l", dist.Normal(loc, scale).to_event(1))
         if xu is not None:
@@ -180,10 +180,6 @@ class M2(nn.Module):
         z = self.prior_z(like).sample((per_class,))
         y = torch.arange(self.n_classes, device=z.device).repeat_interleave(per_class)
         return self.likelihood.mean(self.decode(z.repeat(self.n_classes, 1), y))
-
-
-def _labelled_plate(x: torch.Tensor, num_labelled: int | None) -> pyro.plate:
-    return pyro.plate("labelled", num_labelled or len(x), subsample=torch.arange(len(x), device=x.device))
 
 
 # -------------------------------------------------------------------------------------------- data
