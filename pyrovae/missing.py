@@ -30,9 +30,9 @@ from torch import nn
 
 from .data import ImageData, Splits
 from .errors import PyrovaeError
-from .likelihoods import Likelihood, make_likelihood
-from .models import data_plate, register
-from .nets import ACTIVATIONS, PRESETS, Arch, logit, make_networks
+from .likelihoods import Likelihood
+from .models import data_plate, register, vae_parts
+from .nets import ACTIVATIONS, PRESETS, Arch
 from .runs import arch_from_config
 
 MASK_KINDS = ("random", "top-half", "mix")
@@ -151,18 +151,8 @@ def build_masked_vae(
     **likelihood_options: float,
 ) -> MaskedVAE:
     """A :class:`MaskedVAE` for images of ``shape``: the arch's networks, the encoder with doubled input channels."""
-    lik = make_likelihood(likelihood, **likelihood_options) if isinstance(likelihood, str) else likelihood
-    if isinstance(arch, str) and arch not in PRESETS:
-        raise PyrovaeError(f"unknown arch {arch!r}; choose one of {', '.join(PRESETS)}")
-    spec = PRESETS[arch] if isinstance(arch, str) else arch
-    encoder, _ = make_networks(spec, (2 * shape[0], *shape[1:]), lik.outputs_per_pixel)
-    _, decoder = make_networks(spec, tuple(shape), lik.outputs_per_pixel)
-    if spec.logit_bias and pixel_mean is not None:
-        bias = logit(pixel_mean.reshape(shape))
-        if lik.outputs_per_pixel > 1:
-            bias = torch.cat([bias, torch.zeros_like(bias)], dim=0)
-        decoder.init_output_bias(bias)
-    return MaskedVAE(encoder, decoder, lik, spec.z_dim)
+    encoder_shape = (2 * shape[0], *shape[1:])
+    return MaskedVAE(*vae_parts(shape, likelihood, arch, pixel_mean, encoder_shape, **likelihood_options))
 
 
 # ----------------------------------------------------------------------------------------- completion

@@ -104,6 +104,34 @@ class VAE(nn.Module):
         return self.likelihood.mean(self.decoder(z))
 
 
+def vae_parts(
+    shape: tuple[int, ...],
+    likelihood: str | Likelihood = "bernoulli",
+    arch: str | Arch = "iwae",
+    pixel_mean: torch.Tensor | None = None,
+    encoder_shape: tuple[int, ...] | None = None,
+    **likelihood_options: float,
+) -> tuple[nn.Module, nn.Module, Likelihood, int]:
+    """Encoder, decoder, likelihood and z dim for images of ``shape`` (the encoder reads ``encoder_shape``
+    if given, e.g. image and mask stacked). With an arch whose ``logit_bias`` is set, the decoder's output
+    bias starts at the logit of ``pixel_mean`` (the training pixel means), as in Burda et al. 2016."""
+    lik = make_likelihood(likelihood, **likelihood_options) if isinstance(likelihood, str) else likelihood
+    if isinstance(arch, str) and arch not in PRESETS:
+        raise PyrovaeError(f"unknown arch {arch!r}; choose one of {', '.join(PRESETS)}")
+    spec = PRESETS[arch] if isinstance(arch, str) else arch
+    if encoder_shape is None:
+        encoder, decoder = make_networks(spec, tuple(shape), lik.outputs_per_pixel)
+    else:
+        encoder, _ = make_networks(spec, tuple(encoder_shape), lik.outputs_per_pixel)
+        _, decoder = make_networks(spec, tuple(shape), lik.outputs_per_pixel)
+    if spec.logit_bias and pixel_mean is not None:
+        bias = logit(pixel_mean.reshape(shape))
+        if lik.outputs_per_pixel > 1:
+            bias = torch.cat([bias, torch.zeros_like(bias)], dim=0)
+        decoder.init_output_bias(bias)
+    return encoder, decoder, lik, spec.z_dim
+
+
 def build_vae(
     shape: tuple[int, ...],
     likelihood: str | Likelihood = "bernoulli",
@@ -111,19 +139,6 @@ def build_vae(
     pixel_mean: torch.Tensor | None = None,
     **likelihood_options: float,
 ) -> VAE:
-    """A VAE for images of ``shape`` from a likelihood name and an arch preset (or :class:`Arch`).
-
-    With an arch whose ``logit_bias`` is set, the decoder's output bias starts at the logit of
-    ``pixel_mean`` (the training pixel means), as in Burda et al. 2016.
-    """
-    lik = make_likelihood(likelihood, **likelihood_options) if isinstance(likelihood, str) else likelihood
-    if isinstance(arch, str) and arch not in PRESETS:
-        raise PyrovaeError(f"unknown arch {arch!r}; choose one of {', '.join(PRESETS)}")
-    spec = PRESETS[arch] if isinstance(arch, str) else arch
-    encoder, decoder = make_networks(spec, shape, lik.outputs_per_pixel)
-    if spec.logit_bias and pixel_mean is not None:
-        bias = logit(pixel_mean.reshape(shape))
-        if lik.outputs_per_pixel > 1:
-            bias = torch.cat([bias, torch.zeros_like(bias)], dim=0)
-        decoder.init_output_bias(bias)
-    return VAE(encoder, decoder, lik, spec.z_dim)
+    """A VAE for images of ``shape`` from a likelihood name and an arch preset (or :class:`Arch`); see
+    :func:`vae_parts` for the networks and the output-bias start."""
+    return VAE(*vae_parts(shape, likelihood, arch, pixel_mean, **likelihood_options))
