@@ -42,6 +42,16 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(len(x), -1).double()
 
 
+def _two_samples(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both samples flattened to rows, refused unless each has >= 2 points of one dimension."""
+    x, y = _flat(x), _flat(y)
+    if len(x) < 2 or len(y) < 2 or x.shape[1] != y.shape[1]:
+        raise PyrovaeError(
+            f"MMD needs two samples of >= 2 points of one dimension, got {tuple(x.shape)}, {tuple(y.shape)}"
+        )
+    return x, y
+
+
 def median_bandwidth(x: torch.Tensor, y: torch.Tensor, max_points: int = 1000, seed: int = 0) -> float:
     """The median heuristic: the median Euclidean distance between distinct points of the pooled sample.
 
@@ -74,12 +84,8 @@ def mmd2(
     al. 2012) drops the kernel's diagonal, so it is ~0 (and may be slightly negative) when x and y come
     from one distribution. Rows are flattened, so images and codes alike work; float64 throughout.
     """
-    x, y = _flat(x), _flat(y)
+    x, y = _two_samples(x, y)
     m, n = len(x), len(y)
-    if m < 2 or n < 2 or x.shape[1] != y.shape[1]:
-        raise PyrovaeError(
-            f"MMD needs two samples of >= 2 points of one dimension, got {tuple(x.shape)}, {tuple(y.shape)}"
-        )
     sigma = bandwidth if bandwidth is not None else median_bandwidth(x, y)
     gamma = 1.0 / (2.0 * sigma * sigma)
     kxx, kyy, kxy = _kernel_sum(x, x, gamma), _kernel_sum(y, y, gamma), _kernel_sum(x, y, gamma)
@@ -98,12 +104,8 @@ def mmd_permutation_test(
     Builds the pooled kernel matrix once (for up to a few thousand points in all) and scores all
     shufflings with one matrix product: MMD² = Σ_ij K_ij c_i c_j over group weights c (diagonal dropped).
     """
-    x, y = _flat(x), _flat(y)
+    x, y = _two_samples(x, y)
     m, n = len(x), len(y)
-    if m < 2 or n < 2 or x.shape[1] != y.shape[1]:
-        raise PyrovaeError(
-            f"MMD needs two samples of >= 2 points of one dimension, got {tuple(x.shape)}, {tuple(y.shape)}"
-        )
     sigma = bandwidth if bandwidth is not None else median_bandwidth(x, y)
     pooled = torch.cat([x, y])
     k = torch.exp(-torch.cdist(pooled, pooled).pow(2) / (2 * sigma * sigma))
