@@ -59,6 +59,13 @@ class BernoulliImage(dist.Independent):
     measured here, 2x faster forward and 3x faster forward+backward at a training batch.
     """
 
+    def expand(self, batch_shape, _instance=None) -> dist.Independent:
+        # a plate expands every site's distribution to its batch shape, usually the one it has: that
+        # copy would add an object and an autograd node (ExpandBackward) per step for nothing
+        if _instance is None and torch.Size(batch_shape) == self.batch_shape:
+            return self
+        return super().expand(batch_shape, _instance)
+
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         logits = self.base_dist.logits
         dims = tuple(range(-self.reinterpreted_batch_ndims, 0))

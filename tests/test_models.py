@@ -101,4 +101,7 @@ def test_bernoulli_image_log_prob_equals_torch_bernoulli():
         assert torch.allclose(ga, gb, atol=1e-6)
     expanded = lik(logits[:, :1]).expand((5, 3))
     assert isinstance(expanded, BernoulliImage) and expanded.batch_shape == (5, 3)
+    assert torch.allclose(expanded.log_prob(x), lik(logits[:, :1]).log_prob(x).expand(5, 3))
+    same = lik(logits)
+    assert same.expand((5, 3)) is same  # a plate's no-op expand adds no object and no autograd node
     assert lik(logits).sample().shape == logits.shape

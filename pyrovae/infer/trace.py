@@ -12,6 +12,8 @@ log q(z) is. Everything else (tracing, plates, replay, KL dispatch) is Pyro's.
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Iterator
 
 import pyro.poutine as poutine
@@ -66,11 +68,14 @@ class _OnDevice:
         return model_trace, guide_trace
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        loss, surrogate = 0.0, 0.0
+        losses, surrogates = [], []
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             loss_particle, surrogate_particle = self._differentiable_loss_particle(model_trace, guide_trace)
-            loss = loss + loss_particle / self.num_particles
-            surrogate = surrogate + surrogate_particle / self.num_particles
+            losses.append(loss_particle)
+            surrogates.append(surrogate_particle)
+        loss, surrogate = _sum(losses), _sum(surrogates)
+        if self.num_particles > 1:
+            loss, surrogate = loss / self.num_particles, surrogate / self.num_particles
         return loss + (surrogate - surrogate.detach())
 
 
@@ -78,50 +83,58 @@ class Trace(_OnDevice, Trace_ELBO):
     """Trace_ELBO (Monte Carlo KL; score-function terms for non-reparameterised sites), on the device."""
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
-        elbo, surrogate, log_r = 0.0, 0.0, None
+        elbo, gains, losses, log_r = 0.0, [], [], None  # surrogate ELBO = Σ gains − Σ losses
         for _, site in sample_sites(model_trace):
             log_p = log_prob_sum(site)
             elbo = elbo + log_p.detach()
-            surrogate = surrogate + log_p
+            gains.append(log_p)
         for _, site in sample_sites(guide_trace):
             _, score_function_term, entropy_term = score_parts(site)
             elbo = elbo - site["log_prob_sum"].detach()
             if not is_identically_zero(entropy_term):
-                surrogate = surrogate - entropy_term.sum()
+                losses.append(entropy_term.sum())
             if not is_identically_zero(score_function_term):
                 if log_r is None:
                     log_r = _compute_log_r(model_trace, guide_trace)
-                surrogate = surrogate + (log_r.sum_to(site["cond_indep_stack"]) * score_function_term).sum()
-        return -elbo, -surrogate
+                gains.append((log_r.sum_to(site["cond_indep_stack"]) * score_function_term).sum())
+        return -elbo, _sum(losses) - _sum(gains)
 
 
 class MeanField(_OnDevice, TraceMeanField_ELBO):
     """TraceMeanField_ELBO (analytic KL where registered, else Monte Carlo), on the device."""
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        # every term is differentiable: the loss is its own surrogate, no detach and re-attach needed
-        loss = 0.0
+        # every term is differentiable: the loss is its own surrogate, no detach and re-attach needed;
+        # sums start from the first term, not from 0.0 (each ``0.0 + t`` is one more autograd node)
+        loss = None
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            loss = loss + self._differentiable_loss_particle(model_trace, guide_trace)[1]
+            term = self._differentiable_loss_particle(model_trace, guide_trace)[1]
+            loss = term if loss is None else loss + term
         return loss / self.num_particles if self.num_particles > 1 else loss
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
-        elbo = 0.0
+        gains, losses = [], []  # ELBO = Σ gains − Σ losses: log p(x|z) terms, KL terms
         for name, model_site in sample_sites(model_trace):
             if model_site["is_observed"]:
-                elbo = elbo + log_prob_sum(model_site)
+                gains.append(log_prob_sum(model_site))
                 continue
             guide_site = guide_trace.nodes[name]
             if is_validation_enabled():
                 check_fully_reparametrized(guide_site)
             try:
                 kl = kl_divergence(guide_site["fn"], model_site["fn"])
-                elbo = elbo - scale_and_mask(kl, scale=guide_site["scale"], mask=guide_site["mask"]).sum()
+                losses.append(scale_and_mask(kl, scale=guide_site["scale"], mask=guide_site["mask"]).sum())
             except NotImplementedError:
-                elbo = elbo + log_prob_sum(model_site) - score_parts(guide_site).entropy_term.sum()
+                gains.append(log_prob_sum(model_site))
+                losses.append(score_parts(guide_site).entropy_term.sum())
         for name, guide_site in sample_sites(guide_trace):  # auxiliary guide sites
             if name not in model_trace.nodes:
                 if is_validation_enabled():
                     check_fully_reparametrized(guide_site)
-                elbo = elbo - score_parts(guide_site).entropy_term.sum()
-        return -elbo.detach(), -elbo
+                losses.append(score_parts(guide_site).entropy_term.sum())
+        neg_elbo = _sum(losses) - _sum(gains)  # one node per term, none for a leading 0.0
+        return neg_elbo.detach(), neg_elbo
+
+
+def _sum(terms: list[torch.Tensor]) -> torch.Tensor | float:
+    return functools.reduce(operator.add, terms) if terms else 0.0
