@@ -4,12 +4,15 @@ The floor: the FLOPs of one image's K model+guide evaluations (counted by torch'
 matrix products, the bulk of the work) divided by the device's measured dense matmul rate (the
 best of several large float32 GEMMs). The ratio measured/floor shows how far from the limit the
 evaluation runs. On a CPU the full 10k x 5000 run takes minutes, so ``--n`` images are timed and
-the 10k time extrapolated (the work per image is constant).
+the 10k time extrapolated (the work per image is constant). The images run in ``--blocks`` blocks,
+each right after its own GEMM-rate measurement: a shared machine's speed drifts by tens of percent
+over minutes, and a ratio of two timings taken far apart would carry that drift.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -51,6 +54,7 @@ def main() -> None:
     p.add_argument("run", help="a trained run folder (e.g. runs/fm)")
     p.add_argument("--k", type=int, default=5000)
     p.add_argument("--n", type=int, default=500, help="test images timed")
+    p.add_argument("--blocks", type=int, default=10, help="blocks of images, each timed against its own GEMM rate")
     p.add_argument("--memory-mb", type=float, nargs="+", default=[None])
     p.add_argument("--device", default="auto")
     args = p.parse_args()
@@ -59,30 +63,37 @@ def main() -> None:
     device = splits.test.device
     x = splits.test.batch(torch.arange(min(args.n, len(splits.test)), device=device))
     per_image = flops_per_image(vae.model, vae.guide, x, args.k)
-    peak = gemm_flops_per_second(device)
-    floor = per_image / peak
     rows = []
+    blocks = max(1, min(args.blocks, len(x)))
+    bounds = [round(i * len(x) / blocks) for i in range(blocks + 1)]
     for mb in args.memory_mb:
         log_likelihood(vae.model, vae.guide, x[:4], args.k, memory_mb=mb)  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        lp = log_likelihood(vae.model, vae.guide, x, args.k, memory_mb=mb)
-        float(lp.mean())
-        seconds = time.perf_counter() - t0
+        seconds, ratios, peaks = 0.0, [], []
+        for lo, hi in zip(bounds, bounds[1:]):
+            peak = gemm_flops_per_second(device, repeats=2)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            lp = log_likelihood(vae.model, vae.guide, x[lo:hi], args.k, memory_mb=mb)
+            float(lp.mean())
+            dt = time.perf_counter() - t0
+            seconds += dt
+            peaks.append(peak)
+            ratios.append((dt / (hi - lo)) / (per_image / peak))
         rate = len(x) / seconds
+        ratios.sort()
         rows.append(
             [
                 f"{args.k}",
-                f"{len(x)}",
+                f"{len(x)} in {blocks}",
                 f"{mb or DEFAULT_MEMORY_MB:g}"
                 + (f" ({CPU_CHUNK_MB:g} used on a CPU)" if device.type == "cpu" and (mb or 1e9) > CPU_CHUNK_MB else ""),
                 f"{rate:.1f}",
                 f"{10000 / rate:.0f}",
                 f"{per_image / 1e9:.2f}",
-                f"{peak / 1e9:.0f}",
-                f"{10000 * floor:.0f}",
-                f"{(1 / rate) / floor:.2f}",
+                f"{statistics.median(peaks) / 1e9:.0f} ({min(peaks) / 1e9:.0f}–{max(peaks) / 1e9:.0f})",
+                f"{10000 * per_image / statistics.median(peaks):.0f}",
+                f"**{statistics.median(ratios):.2f}** ({ratios[len(ratios) // 4]:.2f}–{ratios[(3 * len(ratios)) // 4]:.2f})",
             ]
         )
         print(rows[-1], flush=True)
@@ -93,16 +104,16 @@ def main() -> None:
         "images/s",
         "s for 10k",
         "GFLOP/image",
-        "GEMM GFLOP/s",
+        "GEMM GFLOP/s, median (range)",
         "floor s for 10k",
-        "measured/floor",
+        "measured/floor per block, median (quartiles)",
     ]
     append_results(
         f"Evaluation speed: log p(x), K={args.k} ({cfg['dataset']}, arch {cfg['arch']}, {device.type})",
         markdown_table(header, rows),
         "python bench/eval_speed.py " + " ".join(sys.argv[1:]),
         "FLOPs counted by torch.utils.flop_counter (matrix products only); the floor assumes the whole "
-        "work ran at the measured 2048x2048 float32 GEMM rate.",
+        "work ran at the 2048x2048 float32 GEMM rate measured just before each block of images.",
     )
 
 
