@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from .errors import PyrovaeError
 from .infer.renyi import PARTICLE_PLATE, per_datapoint_log_weights
+from .models import parameters_collected
 
 KHAT_GOOD, KHAT_BAD = 0.5, 0.7
 EQUAL_WEIGHTS = 1e-4  # log-weights spread less than this: the weights are equal, k̂ is 0
@@ -45,10 +46,11 @@ ACTIVE_THRESHOLD = 0.01  # Burda et al. 2016: unit d is active when Var_x E_q[z_
 
 # ------------------------------------------------------------------------------------------ tracing
 def _traces(model: Callable, guide: Callable, x: torch.Tensor, k: int | None, dim: int | None):
-    """Guide and replayed model traces with log-probs; vectorised over ``k`` particles at ``dim`` if given."""
+    """Guide and replayed model traces with log-probs; vectorised over ``k`` particles at ``dim`` if given.
+    Nothing is optimised here, so the models skip registering their modules in Pyro's param store."""
     n = len(x)
     plate = pyro.plate(PARTICLE_PLATE, k, dim=dim) if k is not None else nullcontext()
-    with plate:
+    with plate, parameters_collected():
         guide_tr = poutine.trace(guide).get_trace(x, num_data=n)
         model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(x, num_data=n)
     model_tr, guide_tr = prune_subsample_sites(model_tr), prune_subsample_sites(guide_tr)

@@ -34,9 +34,10 @@ def register(name: str, module: nn.Module) -> None:
 
 @contextmanager
 def parameters_collected() -> Iterator[None]:
-    """``fit``'s hot loop: the parameters were collected on the first step and the optimiser holds them, so
-    re-registering them every step (about 50 µs a module) is bookkeeping nobody reads. Only for estimators
-    whose ``differentiable_loss`` is differentiated directly: Pyro's ``loss_and_grads`` looks for param sites."""
+    """Models skip :func:`register` inside: in ``fit``'s hot loop (the parameters were collected on the first
+    step and the optimiser holds them) and in evaluation sweeps (nothing is optimised), re-registering the
+    modules on every call (about 50 µs each) is bookkeeping nobody reads. Not for Pyro's ``loss_and_grads``
+    or ``SVI``, which look for the param sites."""
     global _COLLECTED
     before, _COLLECTED = _COLLECTED, True
     try:

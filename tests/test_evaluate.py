@@ -146,6 +146,17 @@ def test_k1_is_an_elbo_sample(lg, tiny_vae, tiny_splits):
         assert math.isclose(float(est.sum()), elbo, rel_tol=1e-5, abs_tol=1e-4)
 
 
+def test_evaluation_leaves_the_param_store_alone(tiny_vae, tiny_splits):
+    # nothing is optimised in a sweep, so the model's modules are not (re-)registered in Pyro's store;
+    # a model used with SVI afterwards registers them as usual
+    pyro.clear_param_store()
+    log_likelihood(tiny_vae.model, tiny_vae.guide, tiny_splits.test.batch(torch.arange(4)), 8)
+    assert len(pyro.get_param_store()) == 0
+    pyro.poutine.trace(tiny_vae.guide).get_trace(tiny_splits.test.batch(torch.arange(4)))
+    assert any(name.startswith("vae.encoder") for name in pyro.get_param_store().keys())
+    pyro.clear_param_store()
+
+
 def test_mean_log_p_is_non_decreasing_in_k(lg):
     # E log p̂_K increases with K (Burda et al. 2016, Thm 1). Over 8 seeds and 6 points, each step
     # in K may not fall by more than 3 standard errors of the seed-to-seed difference; and K = 500
