@@ -52,3 +52,24 @@ def plain_epoch(vae: VAE, data, optimizer: torch.optim.Optimizer, batch_size: in
         optimizer.step()
         total += loss.detach() * (len(idx) / n)
     return total
+
+
+@torch.no_grad()
+def plain_log_likelihood(vae: VAE, x: torch.Tensor, k: int, chunk: int, batch: int) -> torch.Tensor:
+    """log p(x) by importance sampling with q(z|x) (the IWAE bound, K = ``k``), written out: ``batch`` images
+    and ``chunk`` particles per call, chunks combined by a running log-sum-exp, as pyrovae's evaluation does."""
+    out = []
+    for start in range(0, len(x), batch):
+        xb = x[start : start + batch]
+        loc, scale = vae.encoder(xb)
+        acc = torch.full((len(xb),), -math.inf, device=x.device)
+        for p0 in range(0, k, chunk):
+            eps = torch.randn((min(chunk, k - p0), *loc.shape), device=x.device)
+            z = loc + scale * eps
+            logits = vae.decoder(z)
+            log_px = (xb * logits).flatten(-3).sum(-1) - F.softplus(logits).flatten(-3).sum(-1)
+            log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1)
+            log_qz = (-0.5 * (eps.pow(2) + math.log(2 * math.pi)) - scale.log()).sum(-1)
+            acc = torch.logaddexp(acc, torch.logsumexp(log_px + log_pz - log_qz, 0))
+        out.append(acc - math.log(k))
+    return torch.cat(out)
