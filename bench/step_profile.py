@@ -1,12 +1,13 @@
 """Where a pyrovae training step spends the time a hand-written PyTorch step does not: a per-part table.
 
 The same Bernoulli VAE (``--arch``) is timed part by part, pyrovae's Pyro programs (meanfield ELBO,
-as ``fit`` runs them: validation off, parameters collected) against the hand-written loss of
-``plain_vae.py``: the guide (encoder and z draw; Pyro: traced), the model (decoder; Pyro: replayed
+as ``fit`` runs them: validation off, parameters collected) against the meanfield loss of
+``plain_vae.py``, written out here part by part: the guide (encoder and z draw; Pyro: traced), the model (decoder; Pyro: replayed
 against the guide trace), the loss terms, backward, and the Adam step. At batch 1 the networks cost
 almost nothing, so the differences are the framework's fixed cost per step; at the training batch
-they show what share of a step that fixed cost is. Best of ``--repeats`` timings of ``--steps``
-calls each. A cProfile of the Pyro forward at batch 1 lists the functions that remain.
+they show what share of a step that fixed cost is. Every step is timed part by part, the two sides
+alternating step by step; the table gives medians over ``--steps`` steps. A cProfile of the Pyro
+forward at batch 1 lists the functions that remain.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import math
 import pstats
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import append_results, markdown_table  # noqa: E402
-from plain_vae import plain_loss  # noqa: E402
 
 from pyrovae import build_vae  # noqa: E402
 from pyrovae.infer import MeanField  # noqa: E402
@@ -36,89 +36,62 @@ from pyrovae.models import parameters_collected  # noqa: E402
 N_DATA = 60000
 
 
-def best_us(fn, steps: int, repeats: int) -> float:
-    """Microseconds per call: the best of ``repeats`` timings of ``steps`` calls (noise only adds time)."""
-    for _ in range(max(3, steps // 20)):
-        fn()
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / steps)
-    return best * 1e6
+def parts(vae, x: torch.Tensor, steps: int) -> dict[str, tuple[float, float]]:
+    """{part: (plain µs, pyrovae µs)}: medians over ``steps`` training steps per side on batch ``x``.
 
-
-def parts(vae, x: torch.Tensor, steps: int, repeats: int) -> dict[str, tuple[float, float]]:
-    """{part: (plain µs, pyrovae µs)} for one batch ``x``."""
+    Every step is timed part by part (guide, model, loss terms, backward, Adam step); the sides alternate
+    step by step (order alternating too), so both see the same state of a shared machine. pyrovae's parts
+    are exactly what ``MeanField.differentiable_loss`` runs in ``fit``'s hot loop, called one by one.
+    """
     elbo = MeanField()
     opt = torch.optim.Adam(vae.parameters(), lr=1e-6, foreach=True)
 
-    def plain_guide():
+    def plain_step() -> list[float]:
+        t = [time.perf_counter()]
         loc, scale = vae.encoder(x)
-        return loc, scale, loc + scale * torch.randn_like(loc)
-
-    def plain_model():
-        return vae.decoder(z_plain)
-
-    def plain_terms():
+        z = loc + scale * torch.randn_like(loc)
+        t.append(time.perf_counter())
+        logits = vae.decoder(z)
+        t.append(time.perf_counter())
         log_px = (x * logits).flatten(-3).sum(-1) - F.softplus(logits).flatten(-3).sum(-1)
         kl = 0.5 * (loc.pow(2) + scale.pow(2) - 1).sum(-1) - scale.log().sum(-1)
-        return -(N_DATA / len(x)) * (log_px - kl).sum()
+        loss = -(N_DATA / len(x)) * (log_px - kl).sum()
+        t.append(time.perf_counter())
+        return t + finish(loss)
 
-    def pyro_guide():
-        return poutine.trace(vae.guide).get_trace(x, num_data=N_DATA)
+    def pyro_step() -> list[float]:
+        t = [time.perf_counter()]
+        guide_tr = poutine.trace(vae.guide).get_trace(x, num_data=N_DATA)
+        t.append(time.perf_counter())
+        model_tr = poutine.trace(poutine.replay(vae.model, trace=guide_tr)).get_trace(x, num_data=N_DATA)
+        t.append(time.perf_counter())
+        loss = elbo._differentiable_loss_particle(model_tr, guide_tr)[1]
+        t.append(time.perf_counter())
+        return t + finish(loss)
 
-    def pyro_model():
-        return poutine.trace(poutine.replay(vae.model, trace=guide_tr)).get_trace(x, num_data=N_DATA)
+    def finish(loss: torch.Tensor) -> list[float]:
+        loss.backward()
+        t = [time.perf_counter()]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return t + [time.perf_counter()]
 
-    def pyro_forward():
-        return elbo.differentiable_loss(vae.model, vae.guide, x, num_data=N_DATA)
-
-    def plain_forward():
-        return plain_loss(vae, x, N_DATA)
-
-    def step(forward):
-        def run():
-            opt.zero_grad(set_to_none=True)
-            forward().backward()
-            opt.step()
-
-        return run
-
-    def backward_only(forward):
-        def run():
-            opt.zero_grad(set_to_none=True)
-            forward().backward()
-
-        return run
-
+    names = ["guide (encoder, z draw)", "model (decoder)", "loss terms", "backward", "Adam step"]
+    runs: dict[str, list[list[float]]] = {"plain": [], "pyrovae": []}
+    sides = {"plain": plain_step, "pyrovae": pyro_step}
     with pyro.validation_enabled(False), parameters_collected():
-        loc, scale, z_plain = plain_guide()
-        logits = plain_model()
-        guide_tr = pyro_guide()
-        t = {
-            "guide": (best_us(plain_guide, steps, repeats), best_us(pyro_guide, steps, repeats)),
-            "model": (best_us(plain_model, steps, repeats), best_us(pyro_model, steps, repeats)),
-            "forward": (best_us(plain_forward, steps, repeats), best_us(pyro_forward, steps, repeats)),
-            "fwd+bwd": (
-                best_us(backward_only(plain_forward), steps, repeats),
-                best_us(backward_only(pyro_forward), steps, repeats),
-            ),
-            "step": (best_us(step(plain_forward), steps, repeats), best_us(step(pyro_forward), steps, repeats)),
-        }
-        terms_plain = best_us(plain_terms, steps, repeats)
-    # loss terms: what the forward adds to guide + model (Pyro: KL dispatch, log-prob, scaling, sums)
-    terms = (terms_plain, t["forward"][1] - t["guide"][1] - t["model"][1])
-    return {
-        "guide (encoder, z draw)": t["guide"],
-        "model (decoder)": t["model"],
-        "loss terms": terms,
-        "forward, total": t["forward"],
-        "backward": (t["fwd+bwd"][0] - t["forward"][0], t["fwd+bwd"][1] - t["forward"][1]),
-        "Adam step": (t["step"][0] - t["fwd+bwd"][0], t["step"][1] - t["fwd+bwd"][1]),
-        "whole step": t["step"],
-    }
+        for i in range(steps + 20):  # the first 20 pairs are warm-up
+            for side in sorted(sides, reverse=i % 2 == 1):
+                t = sides[side]()
+                if i >= 20:
+                    runs[side].append([b - a for a, b in zip(t, t[1:])])
+    med = {side: [statistics.median(r[j] for r in rs) * 1e6 for j in range(len(names))] for side, rs in runs.items()}
+    out = {name: (med["plain"][j], med["pyrovae"][j]) for j, name in enumerate(names)}
+    out["forward, total"] = tuple(
+        statistics.median(sum(r[:3]) for r in runs[side]) * 1e6 for side in ("plain", "pyrovae")
+    )
+    out["whole step"] = tuple(statistics.median(sum(r) for r in runs[side]) * 1e6 for side in ("plain", "pyrovae"))
+    return out
 
 
 def pyro_profile(vae, x: torch.Tensor, calls: int = 2000, top: int = 14) -> str:
@@ -146,15 +119,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="iwae")
     p.add_argument("--batch-size", type=int, nargs="+", default=[1, 100])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=int, default=1000, help="timed steps per side and batch size")
     args = p.parse_args()
     torch.manual_seed(0)
     vae = build_vae((1, 28, 28), "bernoulli", args.arch)
     rows = []
     for bs in args.batch_size:
         x = (torch.rand(bs, 1, 28, 28) < 0.3).float()
-        for part, (a, b) in parts(vae, x, args.steps, args.repeats).items():
+        for part, (a, b) in parts(vae, x, args.steps).items():
             rows.append([bs, part, f"{a:.0f}", f"{b:.0f}", f"{b - a:+.0f}", f"{b / a:.2f}" if a > 0 else "–"])
             print(rows[-1], flush=True)
     table = markdown_table(["batch", "part", "plain µs", "pyrovae µs", "difference µs", "ratio"], rows)
@@ -163,8 +135,8 @@ def main() -> None:
         f"Train step, part by part: pyrovae (meanfield) vs hand-written PyTorch (arch {args.arch}, cpu)",
         table + "\n\ncProfile of the pyrovae forward at batch 1 (the framework's own cost):\n\n" + prof,
         "python bench/step_profile.py " + " ".join(sys.argv[1:]),
-        "Best of repeats. guide/model: Pyro traces vs direct calls; loss terms: forward minus guide and "
-        "model (Pyro: analytic KL dispatch, log-prob, N/B scaling, sums); backward: fwd+bwd minus forward.",
+        "Medians over the timed steps, the sides alternating step by step. guide/model: Pyro's guide trace and "
+        "replayed model vs direct calls; loss terms: Pyro: analytic KL dispatch, log-prob, N/B scaling, sums.",
     )
 
 
