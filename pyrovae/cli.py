@@ -204,6 +204,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.resume and (out / "checkpoint.pt").exists() and not args.overwrite:
         raise PyrovaeError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
     cfg = train_config(args)
+    if args.resume and cfg.get("masked"):
+        raise PyrovaeError(
+            f"{out} was trained by 'pyrovae train-masked'; continue it with 'pyrovae train-masked --resume'"
+        )
     if cfg["elbo"] == "renyi" and cfg["alpha"] is None:
         raise PyrovaeError("--elbo renyi needs --alpha (e.g. 0.5)")
     if args.nproc is not None and not distributed.launched():

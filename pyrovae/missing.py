@@ -299,8 +299,9 @@ def build_masked_model(cfg: dict[str, Any], splits: Splits) -> MaskedVAE:
     return vae
 
 
-def train_masked(cfg: dict[str, Any], out: str | Path, *, quiet: bool = False):
-    """Train the masked VAE a config describes (``mask``, ``mask_rate`` on top of ``runs.DEFAULTS``) into ``out``."""
+def train_masked(cfg: dict[str, Any], out: str | Path, *, resume: bool = False, quiet: bool = False):
+    """Train (or resume) the masked VAE a config describes (``mask``, ``mask_rate`` on top of ``runs.DEFAULTS``)
+    into ``out``; returns (splits, vae, FitResult)."""
     from .runs import fit_from_config, load_splits, resolve_device
 
     device = resolve_device(cfg["device"])
@@ -309,7 +310,7 @@ def train_masked(cfg: dict[str, Any], out: str | Path, *, quiet: bool = False):
     vae = build_masked_model(cfg, splits)
     train = MaskedImageData(splits.train, cfg["mask"], cfg["mask_rate"])
     val = MaskedImageData(splits.val, cfg["mask"], cfg["mask_rate"], fixed_seed=cfg["seed"] + 11)
-    result = fit_from_config(cfg, vae, splits, train, val, out, quiet=quiet, record={"masked": True})
+    result = fit_from_config(cfg, vae, splits, train, val, out, resume=resume, quiet=quiet, record={"masked": True})
     return splits, vae, result
 
 
@@ -457,8 +458,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     )
     add_data_options(t)
     g = t.add_argument_group("masks")
-    g.add_argument("--mask", choices=MASK_KINDS, default="mix", help="training masks (default mix)")
-    g.add_argument("--rate", type=_rate, default=0.5, help="missing rate of random masks (default 0.5)")
+    g.add_argument("--mask", choices=MASK_KINDS, help="training masks (default mix)")
+    g.add_argument("--rate", type=_rate, help="missing rate of random masks (default 0.5)")
     g = t.add_argument_group("model and optimiser")
     g.add_argument("--likelihood", choices=list(LIKELIHOODS), help="decoder likelihood (default bernoulli)")
     g.add_argument("--sigma", type=_positive_float, help="σ of the fixed-σ gaussian likelihood")
@@ -470,7 +471,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--elbo", choices=list(ESTIMATORS), help="estimator (default meanfield)")
     g.add_argument("--particles", type=_positive_int, help="K samples per datapoint")
     g.add_argument("--alpha", type=float, help="α of the renyi bound")
-    g.add_argument("--epochs", type=_positive_int, help="epochs (default 10)")
+    g.add_argument("--epochs", type=_positive_int, help="epochs in total (default 10; with --resume, may extend the run)")
     g.add_argument("--batch-size", type=_positive_int, help="minibatch size (default 100)")
     g.add_argument("--lr", type=_positive_float, help="Adam learning rate (default 1e-3)")
     g.add_argument("--clip-norm", type=_positive_float, help="clip the gradient's global norm to this")
@@ -478,6 +479,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=int, help="seed (default 0)")
     g.add_argument("--out", default="runs/masked", help="run folder (default runs/masked)")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     g.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     t.set_defaults(func=cmd_train_masked)
 
@@ -502,20 +504,31 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train_masked(args: argparse.Namespace) -> int:
-    from .runs import DEFAULTS
+    from .cli import train_config
 
     out = Path(args.out)
-    if (out / "checkpoint.pt").exists() and not args.overwrite:
-        raise PyrovaeError(f"{out} already holds a run; pass --overwrite to replace it")
-    given = {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}
-    cfg = {**DEFAULTS, **given, "mask": args.mask, "mask_rate": args.rate}
+    if args.resume and args.overwrite:
+        raise PyrovaeError("--resume and --overwrite exclude each other")
+    if not args.resume and (out / "checkpoint.pt").exists() and not args.overwrite:
+        raise PyrovaeError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    cfg = train_config(args)  # on --resume: the saved run's, refusing changed options
+    masks = {"mask": args.mask, "mask_rate": args.rate}
+    if args.resume:
+        if not cfg.get("masked"):
+            raise PyrovaeError(f"{out} was not trained by 'pyrovae train-masked'; continue it with 'pyrovae train --resume'")
+        changed = [("rate" if k == "mask_rate" else k) for k, v in masks.items() if v is not None and v != cfg[k]]
+        if changed:
+            raise PyrovaeError(f"--resume continues the saved run; these options differ from it: {', '.join(changed)}")
+    else:
+        cfg = {**cfg, "mask": args.mask or "mix", "mask_rate": 0.5 if args.rate is None else args.rate}
     if cfg["elbo"] == "renyi" and cfg["alpha"] is None:
         raise PyrovaeError("--elbo renyi needs --alpha (e.g. 0.5)")
-    for name in ("checkpoint.pt", "metrics.csv", "config.json"):
-        (out / name).unlink(missing_ok=True)
-    _, _, result = train_masked(cfg, out, quiet=args.quiet)
+    if args.overwrite:
+        for name in ("checkpoint.pt", "metrics.csv", "config.json"):
+            (out / name).unlink(missing_ok=True)
+    _, _, result = train_masked(cfg, out, resume=args.resume, quiet=args.quiet)
     if result.interrupted:
-        print(f"interrupted: checkpoint saved in {out}", file=sys.stderr)
+        print(f"interrupted: checkpoint saved in {out}; continue with: pyrovae train-masked --out {out} --resume", file=sys.stderr)
         return 130
     last = result.history[-1]
     print(f"done: {result.epochs_done} epochs, val ELBO (observed pixels) {last['val_elbo']:.2f} nats/image; {out}")

@@ -23,6 +23,7 @@ from pyrovae.missing import (
     observed_log_weights,
     sample_completions,
 )
+from pyrovae.train import load_checkpoint
 
 from .conftest import SMALL
 
@@ -140,3 +141,37 @@ def test_cli_train_masked_and_complete(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "expected a missing rate in (0, 1)" in err[0]
+
+
+def test_cli_train_masked_resume_equals_uninterrupted(tmp_path, capsys):
+    # 2 epochs in one go, and 1 epoch then --resume to 2: the same parameters, bitwise (the checkpoint holds the
+    # RNG state, so the masks and binarisations drawn in epoch 2 are the same)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    args = ["train-masked", *TINY, "--mask", "random", "--rate", "0.4"]
+    assert main([*args, "--epochs", "2", "--out", str(whole)]) == 0
+    assert main([*args, "--epochs", "1", "--out", str(cut)]) == 0
+    capsys.readouterr()
+    for extra, message in (
+        ([], "already holds a run; pass --resume"),
+        (["--resume", "--mask", "top-half"], "differ from it: mask"),
+        (["--resume", "--rate", "0.3"], "differ from it: rate"),
+        (["--resume", "--overwrite"], "exclude each other"),
+    ):
+        assert main(["train-masked", "--out", str(cut), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert main(["train", "--out", str(cut), "--resume", "--epochs", "2"]) == 2
+    assert "continue it with 'pyrovae train-masked --resume'" in capsys.readouterr().err
+    first = load_checkpoint(cut / "checkpoint.pt")["history"]
+    assert main(["train-masked", "--out", str(cut), "--resume", "--epochs", "2", "--quiet"]) == 0
+    a, b = load_checkpoint(whole / "checkpoint.pt"), load_checkpoint(cut / "checkpoint.pt")
+    assert b["history"][:1] == first  # epoch 1 was kept (its timing too), not trained again
+    assert a["epoch"] == b["epoch"] == 2
+    assert a["params"].keys() == b["params"].keys()
+    assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
+
+    plain = tmp_path / "plain"
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(plain)]) == 0
+    capsys.readouterr()
+    assert main(["train-masked", "--out", str(plain), "--resume", "--epochs", "2"]) == 2
+    assert "was not trained by 'pyrovae train-masked'" in capsys.readouterr().err
