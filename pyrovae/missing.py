@@ -471,7 +471,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--elbo", choices=list(ESTIMATORS), help="estimator (default meanfield)")
     g.add_argument("--particles", type=_positive_int, help="K samples per datapoint")
     g.add_argument("--alpha", type=float, help="α of the renyi bound")
-    g.add_argument("--epochs", type=_positive_int, help="epochs in total (default 10; with --resume, may extend the run)")
+    g.add_argument(
+        "--epochs", type=_positive_int, help="epochs in total (default 10; with --resume, may extend the run)"
+    )
     g.add_argument("--batch-size", type=_positive_int, help="minibatch size (default 100)")
     g.add_argument("--lr", type=_positive_float, help="Adam learning rate (default 1e-3)")
     g.add_argument("--clip-norm", type=_positive_float, help="clip the gradient's global norm to this")
@@ -515,7 +517,9 @@ def cmd_train_masked(args: argparse.Namespace) -> int:
     masks = {"mask": args.mask, "mask_rate": args.rate}
     if args.resume:
         if not cfg.get("masked"):
-            raise PyrovaeError(f"{out} was not trained by 'pyrovae train-masked'; continue it with 'pyrovae train --resume'")
+            raise PyrovaeError(
+                f"{out} was not trained by 'pyrovae train-masked'; continue it with 'pyrovae train --resume'"
+            )
         changed = [("rate" if k == "mask_rate" else k) for k, v in masks.items() if v is not None and v != cfg[k]]
         if changed:
             raise PyrovaeError(f"--resume continues the saved run; these options differ from it: {', '.join(changed)}")
@@ -528,7 +532,10 @@ def cmd_train_masked(args: argparse.Namespace) -> int:
             (out / name).unlink(missing_ok=True)
     _, _, result = train_masked(cfg, out, resume=args.resume, quiet=args.quiet)
     if result.interrupted:
-        print(f"interrupted: checkpoint saved in {out}; continue with: pyrovae train-masked --out {out} --resume", file=sys.stderr)
+        print(
+            f"interrupted: checkpoint saved in {out}; continue with: pyrovae train-masked --out {out} --resume",
+            file=sys.stderr,
+        )
         return 130
     last = result.history[-1]
     print(f"done: {result.epochs_done} epochs, val ELBO (observed pixels) {last['val_elbo']:.2f} nats/image; {out}")
