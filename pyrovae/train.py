@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from . import distributed as ddp
 from .data import Dataset, TensorData
 from .errors import NonFiniteLoss, PyrovaeError
+from .hostmem import keep_freed_memory
 from .infer import LatentScale, MeanField, make_elbo, warmup_beta
 from .models import parameters_collected
 
@@ -228,6 +229,7 @@ def fit(
     continues from it. The param store is cleared first so that stale parameters cannot leak in.
     ``max_steps`` stops (checkpoint saved, as on Ctrl-C) after that many steps of this call.
     Pyro's validation (shapes, supports) checks the first step; ``validate`` keeps it on for all.
+    On a CPU the process keeps freed memory for the next step (:func:`pyrovae.hostmem.keep_freed_memory`).
     In a process group of several ranks (torchrun), ``batch_size`` is per rank and only rank 0 writes files.
     """
     data = TensorData(data) if isinstance(data, torch.Tensor) else data
@@ -239,6 +241,8 @@ def fit(
         raise PyrovaeError(f"unknown lr schedule {lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
     n = len(data)
     device = _device_of(data)
+    if device.type == "cpu":
+        keep_freed_memory()  # large CPU batches would otherwise fault their memory in afresh every step
     w = ddp.world()  # several ranks: data-parallel, each on its shard of every epoch
     if n < w.size:
         raise PyrovaeError(f"{w.size} processes need at least {w.size} training datapoints, got {n}")
