@@ -1,8 +1,9 @@
 """Host memory: keep freed memory for the next training step instead of faulting it in afresh (glibc).
 
 glibc's malloc gives the free memory at the top of its heap back to the OS once more of it is free than
-twice its largest recent block. A CPU training step at batch 1000 frees some 30 MB of activations and
-gradients at its end, so every step faulted ~2000 fresh pages back in: measured here, a hand-written
+twice its largest recent block (unless a live block above them pins them). A CPU training step at batch
+1000 frees some 30 MB of activations and gradients at its end, and in training processes here every step
+faulted ~2000 fresh pages back in: measured (bench/host_memory.py), a hand-written
 PyTorch step at batch 1000 took 22-26 ms with glibc's defaults and 19-22 ms with the thresholds below
 (batches of 100-256 fault little either way). ``fit`` calls :func:`keep_freed_memory` when it trains on
 a CPU; the process then keeps up to ``trim_mb`` of freed memory (its peak is unchanged).
