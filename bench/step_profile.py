@@ -34,6 +34,7 @@ from pyrovae.infer import MeanField  # noqa: E402
 from pyrovae.models import parameters_collected  # noqa: E402
 
 N_DATA = 60000
+REPO = str(Path(__file__).resolve().parents[1])  # shown relative to the checkout
 
 
 def parts(vae, x: torch.Tensor, steps: int) -> dict[str, tuple[float, float]]:
@@ -110,7 +111,7 @@ def pyro_profile(vae, x: torch.Tensor, calls: int = 2000, top: int = 14) -> str:
     for ln in lines[start + 1 :]:
         f = ln.split(None, 5)
         if len(f) == 6:
-            where = f[5].split("site-packages/")[-1].split("/work/")[-1]
+            where = f[5].split("site-packages/")[-1].replace(f"{REPO}/", "")
             rows.append([f"{float(f[1]) / calls * 1e6:.1f}", f"{float(f[3]) / calls * 1e6:.1f}", f"`{where}`"])
     return markdown_table(["tottime µs/step", "cumtime µs/step", "function"], rows)
 
