@@ -104,12 +104,9 @@ class MeanField(_OnDevice, TraceMeanField_ELBO):
     """TraceMeanField_ELBO (analytic KL where registered, else Monte Carlo), on the device."""
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        # every term is differentiable: the loss is its own surrogate, no detach and re-attach needed;
-        # sums start from the first term, not from 0.0 (each ``0.0 + t`` is one more autograd node)
-        loss = None
-        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            term = self._differentiable_loss_particle(model_trace, guide_trace)[1]
-            loss = term if loss is None else loss + term
+        # every term is differentiable: the loss is its own surrogate, no detach and re-attach needed
+        traces = self._get_traces(model, guide, args, kwargs)
+        loss = _sum([self._differentiable_loss_particle(m, g)[1] for m, g in traces])
         return loss / self.num_particles if self.num_particles > 1 else loss
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
@@ -137,4 +134,5 @@ class MeanField(_OnDevice, TraceMeanField_ELBO):
 
 
 def _sum(terms: list[torch.Tensor]) -> torch.Tensor | float:
+    """The terms' sum from the first one on (each ``0.0 + t`` would be one more autograd node)."""
     return functools.reduce(operator.add, terms) if terms else 0.0
