@@ -14,18 +14,26 @@ import torch.nn.functional as F
 from pyrovae.models import VAE
 
 
+def bernoulli_log_px(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Σ x·l − softplus(l) over the image dims: the Bernoulli log-likelihood as pyrovae's likelihood computes it
+    (faster than F.binary_cross_entropy_with_logits), so that a comparison measures the framework, not the kernel."""
+    return (x * logits).flatten(-3).sum(-1) - F.softplus(logits).flatten(-3).sum(-1)
+
+
+def normal_kl(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """KL(N(loc, scale²) ‖ N(0, I)), summed over the last dim."""
+    return 0.5 * (loc.pow(2) + scale.pow(2) - 1).sum(-1) - scale.log().sum(-1)
+
+
 def plain_loss(vae: VAE, x: torch.Tensor, num_data: int, kind: str = "meanfield", k: int = 1) -> torch.Tensor:
     """Negative ELBO (or IWAE bound) of a Bernoulli VAE, summed over the batch and scaled by N/B."""
     loc, scale = vae.encoder(x)
     eps = torch.randn((k, *loc.shape) if k > 1 else loc.shape, device=x.device)
     z = loc + scale * eps
     logits = vae.decoder(z)
-    # Σ x·l − softplus(l): the Bernoulli log-likelihood as pyrovae's likelihood computes it (faster than
-    # F.binary_cross_entropy_with_logits), so that the comparison measures the framework, not the kernel
-    log_px = (x * logits).flatten(-3).sum(-1) - F.softplus(logits).flatten(-3).sum(-1)
+    log_px = bernoulli_log_px(x, logits)
     if kind == "meanfield":
-        kl = 0.5 * (loc.pow(2) + scale.pow(2) - 1).sum(-1) - scale.log().sum(-1)
-        bound = log_px - kl
+        bound = log_px - normal_kl(loc, scale)
         if k > 1:
             bound = bound.mean(0)
     else:
@@ -67,7 +75,7 @@ def plain_log_likelihood(vae: VAE, x: torch.Tensor, k: int, chunk: int, batch: i
             eps = torch.randn((min(chunk, k - p0), *loc.shape), device=x.device)
             z = loc + scale * eps
             logits = vae.decoder(z)
-            log_px = (xb * logits).flatten(-3).sum(-1) - F.softplus(logits).flatten(-3).sum(-1)
+            log_px = bernoulli_log_px(xb, logits)
             log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1)
             log_qz = (-0.5 * (eps.pow(2) + math.log(2 * math.pi)) - scale.log()).sum(-1)
             acc = torch.logaddexp(acc, torch.logsumexp(log_px + log_pz - log_qz, 0))

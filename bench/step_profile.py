@@ -24,10 +24,10 @@ from pathlib import Path
 import pyro
 import pyro.poutine as poutine
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import append_results, markdown_table  # noqa: E402
+from plain_vae import bernoulli_log_px, normal_kl  # noqa: E402
 
 from pyrovae import build_vae  # noqa: E402
 from pyrovae.infer import MeanField  # noqa: E402
@@ -54,9 +54,7 @@ def parts(vae, x: torch.Tensor, steps: int) -> dict[str, tuple[float, float]]:
         t.append(time.perf_counter())
         logits = vae.decoder(z)
         t.append(time.perf_counter())
-        log_px = (x * logits).flatten(-3).sum(-1) - F.softplus(logits).flatten(-3).sum(-1)
-        kl = 0.5 * (loc.pow(2) + scale.pow(2) - 1).sum(-1) - scale.log().sum(-1)
-        loss = -(N_DATA / len(x)) * (log_px - kl).sum()
+        loss = -(N_DATA / len(x)) * (bernoulli_log_px(x, logits) - normal_kl(loc, scale)).sum()
         t.append(time.perf_counter())
         return t + finish(loss)
 
