@@ -12,6 +12,7 @@ over minutes, and a ratio of two timings taken far apart would carry that drift.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -32,6 +33,7 @@ from pyrovae.evaluate import (  # noqa: E402
     _max_plate_nesting,
     _plan,
     _traces,
+    chunk_budget_mb,
     log_likelihood,
 )
 from pyrovae.runs import load_run  # noqa: E402
@@ -56,6 +58,11 @@ def flops_per_image(model, guide, x: torch.Tensor, k: int) -> float:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         _traces(model, guide, x[:1], probe_k, -2)
     return counter.get_total_flops() * k / probe_k
+
+
+def planned_chunks(vae, xb: torch.Tensor, k: int, budget: float, pdim: int) -> tuple[int, int]:
+    """Particles and images per call as pyrovae's planner picks them for ``xb`` under ``budget`` MB."""
+    return _plan(k, len(xb), None, None, budget, lambda: _bytes_per_pair(vae.model, vae.guide, xb, pdim))
 
 
 def time_call(fn, xb: torch.Tensor, device: torch.device) -> tuple[float, torch.Tensor]:
@@ -87,17 +94,20 @@ def main() -> None:
     blocks = max(1, min(args.blocks, len(x)))
     bounds = [round(i * len(x) / blocks) for i in range(blocks + 1)]
     for mb in args.memory_mb:
-        # the hand-written estimator runs the chunks pyrovae's planner picks for this budget
-        budget = min(mb or DEFAULT_MEMORY_MB, CPU_CHUNK_MB) if device.type == "cpu" else (mb or DEFAULT_MEMORY_MB)
-        kc, b = _plan(args.k, len(x), None, None, budget, lambda: _bytes_per_pair(vae.model, vae.guide, x, pdim))
-        sides = {
-            "pyrovae": lambda xb, mb=mb: log_likelihood(vae.model, vae.guide, xb, args.k, memory_mb=mb),
-            "plain": lambda xb, kc=kc, b=b: plain_log_likelihood(vae, xb, args.k, kc, b),
-        }
-        for side in sides.values():
+        budget = chunk_budget_mb(mb, device)
+        ours = functools.partial(log_likelihood, vae.model, vae.guide, num_samples=args.k, memory_mb=mb)
+        plan = planned_chunks(vae, x[:4], args.k, budget, pdim)
+        for side in (ours, functools.partial(plain_log_likelihood, vae, k=args.k, chunk=plan[0], batch=plan[1])):
             side(x[:4])  # warm-up
         seconds, ratios, peaks, vs_plain, diffs = 0.0, [], [], [], []
         for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+            # the hand-written estimator runs the chunks pyrovae's planner picks for this block (its probe reads
+            # the block's first images, so the chunks can differ by a particle between blocks)
+            plan = planned_chunks(vae, x[lo:hi], args.k, budget, pdim)
+            sides = {
+                "pyrovae": ours,
+                "plain": functools.partial(plain_log_likelihood, vae, k=args.k, chunk=plan[0], batch=plan[1]),
+            }
             peak = gemm_flops_per_second(device, repeats=2)
             timed = {}
             for name in sorted(sides, reverse=i % 2 == 1):  # neither side always runs first
@@ -124,7 +134,7 @@ def main() -> None:
                 f"{statistics.median(peaks) / 1e9:.0f} ({min(peaks) / 1e9:.0f}–{max(peaks) / 1e9:.0f})",
                 f"{10000 * per_image / statistics.median(peaks):.0f}",
                 f"**{statistics.median(ratios):.2f}** ({ratios[len(ratios) // 4]:.2f}–{ratios[(3 * len(ratios)) // 4]:.2f})",
-                f"{kc} x {b}",
+                f"{plan[0]} x {plan[1]}",
                 f"**{statistics.median(vs_plain):.3f}** ({vs_plain[len(vs_plain) // 4]:.3f}–{vs_plain[(3 * len(vs_plain)) // 4]:.3f})",
                 f"{max(diffs):.1e}",
             ]

@@ -116,6 +116,13 @@ def _bytes_per_pair(model: Callable, guide: Callable, x: torch.Tensor, dim: int)
     return max(float(used), 64.0) / (k0 * b0)
 
 
+def chunk_budget_mb(memory_mb: float | None, device: torch.device) -> float:
+    """The memory a sweep's calls plan for: the user's budget (default 1024 MB), a ceiling, and on a CPU at
+    most ``CPU_CHUNK_MB``, where larger chunks only run slower."""
+    budget = memory_mb or DEFAULT_MEMORY_MB
+    return min(budget, CPU_CHUNK_MB) if device.type == "cpu" else budget
+
+
 def _plan(
     k: int,
     n: int,
@@ -183,9 +190,7 @@ def _sweep(
     if n == 0:
         return
     pdim = -_max_plate_nesting(model, guide, x[: min(n, 2)]) - 1
-    budget = memory_mb or DEFAULT_MEMORY_MB
-    if x.device.type == "cpu":  # the budget is a ceiling: use less where that is faster
-        budget = min(budget, CPU_CHUNK_MB)
+    budget = chunk_budget_mb(memory_mb, x.device)
     kc, b = _plan(k, n, chunk_size, batch_size, budget, lambda: _bytes_per_pair(model, guide, x, pdim))
     bar = tqdm(
         total=n,
