@@ -197,12 +197,18 @@ def _without_nproc(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def check_run_folder(args: argparse.Namespace) -> Path:
+    """``--out`` of a training command: refuse to write over a run unless told to resume or overwrite it."""
     out = Path(args.out)
     if args.resume and args.overwrite:
         raise PyrovaeError("--resume and --overwrite exclude each other")
     if not args.resume and (out / "checkpoint.pt").exists() and not args.overwrite:
         raise PyrovaeError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    out = check_run_folder(args)
     cfg = train_config(args)
     if args.resume and cfg.get("masked"):
         raise PyrovaeError(

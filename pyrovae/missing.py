@@ -506,13 +506,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train_masked(args: argparse.Namespace) -> int:
-    from .cli import train_config
+    from .cli import check_run_folder, train_config
 
-    out = Path(args.out)
-    if args.resume and args.overwrite:
-        raise PyrovaeError("--resume and --overwrite exclude each other")
-    if not args.resume and (out / "checkpoint.pt").exists() and not args.overwrite:
-        raise PyrovaeError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    out = check_run_folder(args)
     cfg = train_config(args)  # on --resume: the saved run's, refusing changed options
     masks = {"mask": args.mask, "mask_rate": args.rate}
     if args.resume:
