@@ -14,23 +14,21 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
 MMAP_MAX_MB = 32  # glibc's upper limit for M_MMAP_THRESHOLD on 64-bit
 
-_state: dict[str, bool] = {}
 
-
+@functools.cache
 def keep_freed_memory(trim_mb: int = 256) -> bool:
     """Raise glibc's trim threshold to ``trim_mb`` and fix its mmap threshold at 32 MB, once per process.
 
     True if malloc is glibc's and took both settings; False (and nothing changed) elsewhere or when
     ``PYROVAE_KEEP_FREED_MEMORY=0``.
     """
-    if "done" in _state:
-        return _state["done"]
     ok = False
     if os.environ.get("PYROVAE_KEEP_FREED_MEMORY", "1") != "0" and sys.platform.startswith("linux"):
         try:
@@ -41,5 +39,4 @@ def keep_freed_memory(trim_mb: int = 256) -> bool:
         if mallopt is not None:
             mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
             ok = bool(mallopt(M_MMAP_THRESHOLD, MMAP_MAX_MB << 20)) and bool(mallopt(M_TRIM_THRESHOLD, trim_mb << 20))
-    _state["done"] = ok
     return ok
