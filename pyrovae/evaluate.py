@@ -15,7 +15,6 @@ import argparse
 import math
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .errors import PyrovaeError
 from .infer.renyi import PARTICLE_PLATE, per_datapoint_log_weights
+from .inference_data import make_idata, psis_khat
 from .models import parameters_collected
 
 KHAT_GOOD, KHAT_BAD = 0.5, 0.7
@@ -342,7 +342,7 @@ def log_likelihood(
 
 
 def pareto_khat(log_weights: torch.Tensor | np.ndarray) -> np.ndarray:
-    """PSIS k̂ of each row of (B, K) log-weights (``arviz.psislw``); NaN where K is too small to fit a tail.
+    """PSIS k̂ of each row of (B, K) log-weights (ArviZ's PSIS); NaN where K is too small to fit a tail.
 
     Rows whose weights are all equal to within ``EQUAL_WEIGHTS`` (log-weight range; an exact guide in
     float32) have no tail to fit (ArviZ returns arbitrary values or inf): the estimate's error is below
@@ -351,12 +351,7 @@ def pareto_khat(log_weights: torch.Tensor | np.ndarray) -> np.ndarray:
     lw = np.asarray(torch.as_tensor(log_weights).detach().cpu().double())
     if lw.shape[-1] < MIN_K_FOR_KHAT:
         return np.full(lw.shape[:-1], np.nan)
-    import arviz as az
-
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore")
-        _, khat = az.psislw(lw, reff=1.0)
-    khat = np.asarray(khat, dtype=float)
+    khat = psis_khat(lw)
     khat[np.ptp(lw, axis=-1) < EQUAL_WEIGHTS] = 0.0
     return khat
 
@@ -563,8 +558,7 @@ def evaluate_run(
 
 
 def write_netcdf(path: Path, res: PointEvaluation, labels: torch.Tensor | None, summary: dict[str, Any]) -> None:
-    """Per-point results as an ArviZ InferenceData (group ``evaluation``, dims point and latent), atomically."""
-    import arviz as az
+    """Per-point results as an ArviZ object (InferenceData or DataTree; group ``evaluation``, dims point and latent), atomically."""
     import xarray as xr
 
     from .train import atomic_write
@@ -582,9 +576,7 @@ def write_netcdf(path: Path, res: PointEvaluation, labels: torch.Tensor | None, 
         data_vars["z_mean"] = (("point", "latent"), res.z_mean.double().numpy())
     attrs = {k: v for k, v in summary.items() if isinstance(v, int | float | str) and not isinstance(v, bool)}
     ds = xr.Dataset(data_vars, coords={"point": np.arange(len(res.log_likelihood))}, attrs=attrs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a group outside ArviZ's schema gets a warning
-        idata = az.InferenceData(evaluation=ds)
+    idata = make_idata(evaluation=ds)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         idata.to_netcdf(str(tmp))

@@ -34,6 +34,7 @@ from torch import nn
 from .data import TensorData
 from .errors import PyrovaeError
 from .evaluate import log_likelihood, pareto_khat
+from .inference_data import from_draws, group, make_idata, summary
 from .models import data_plate
 from .train import FitResult, fit
 
@@ -237,8 +238,6 @@ def nuts_posterior(
     ``init_loc``/``init_scale``, default the encoder's q). ``jit`` traces the potential (about 2x faster
     here, but through the deprecated ``torch.jit.trace``). Returns ArviZ InferenceData: posterior z with
     dims (point, latent), and sample_stats with the divergences."""
-    import arviz as az
-    import xarray as xr
     from pyro.infer import MCMC, NUTS
     from pyro.infer.autoguide.initialization import init_to_value
 
@@ -255,14 +254,13 @@ def nuts_posterior(
             z = pyro.sample("z", vae.prior(x))
             pyro.sample("x", vae.likelihood(vae.decoder(z)), obs=x)
 
-    coords = {"point": np.arange(len(x)), "latent": np.arange(vae.z_dim)}
-    posteriors, stats = [], []
+    draws, diverging = [], np.zeros((chains, samples), dtype=bool)
     logger = logging.getLogger("pyro")
     level = logger.level
     logger.setLevel(max(level, logging.WARNING))  # Pyro logs its max_plate_nesting guess at INFO
     try:
         with frozen(vae), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # ArviZ/xarray chatter; the JIT's deprecation warning
+            warnings.simplefilter("ignore")  # the JIT's deprecation warning
             for c in range(chains):
                 pyro.set_rng_seed(seed + c)
                 start = (loc + 2 * scale * torch.randn_like(loc)).detach()
@@ -275,16 +273,17 @@ def nuts_posterior(
                 )
                 mcmc = MCMC(kernel, num_samples=samples, warmup_steps=warmup, disable_progbar=not progress)
                 mcmc.run()
-                one = az.from_pyro(mcmc, log_likelihood=False, coords=coords, dims={"z": ["point", "latent"]})
-                posteriors.append(one.posterior)
-                stats.append(one.sample_stats)
-            groups = {}
-            for name, parts in (("posterior", posteriors), ("sample_stats", stats)):
-                ds = parts[0] if chains == 1 else xr.concat(parts, dim="chain")
-                groups[name] = ds.assign_coords(chain=np.arange(chains))
-            return az.InferenceData(**groups)
+                draws.append(mcmc.get_samples()["z"].detach().cpu().numpy())
+                for divergences in mcmc.diagnostics()["divergences"].values():  # one chain: one entry
+                    diverging[c, divergences] = True
     finally:
         logger.setLevel(level)
+    return from_draws(
+        {"z": np.stack(draws)},
+        {"diverging": diverging},
+        coords={"point": np.arange(len(x)), "latent": np.arange(vae.z_dim)},
+        dims={"z": ["point", "latent"]},
+    )
 
 
 def posterior_check(
@@ -292,12 +291,8 @@ def posterior_check(
 ) -> list[dict[str, Any]]:
     """Per point: R̂ and ESS of the NUTS draws (``az.summary``), and how far q and q* are from them:
     RMS over latent dims of (loc - mean)/sd, and the geometric mean of scale/sd."""
-    import arviz as az
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        table = az.summary(idata, var_names=["z"], kind="all", round_to="none")
-    post = idata.posterior["z"]
+    table = summary(idata, var_names=["z"])
+    post = group(idata, "posterior")["z"]
     chains = post.sizes["chain"]
     mean = torch.as_tensor(post.mean(("chain", "draw")).values, dtype=torch.float64)
     sd = torch.as_tensor(post.std(("chain", "draw"), ddof=1).values, dtype=torch.float64)
@@ -321,7 +316,6 @@ def posterior_check(
 
 def write_posterior(path: Path, idata, res: GapResult, points: int, attrs: dict[str, Any]) -> None:
     """The NUTS draws plus a ``variational`` group (q and q* loc/scale of the same points), as netCDF, atomically."""
-    import arviz as az
     import xarray as xr
 
     from .train import atomic_write
@@ -337,9 +331,7 @@ def write_posterior(path: Path, idata, res: GapResult, points: int, attrs: dict[
         coords={"point": np.arange(points), "latent": np.arange(res.q_loc.shape[1])},
         attrs={k: v for k, v in attrs.items() if isinstance(v, int | float | str) and not isinstance(v, bool)},
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a group outside ArviZ's schema gets a warning
-        out = az.InferenceData(posterior=idata.posterior, sample_stats=idata.sample_stats, variational=ds)
+    out = make_idata(posterior=group(idata, "posterior"), sample_stats=group(idata, "sample_stats"), variational=ds)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         out.to_netcdf(str(tmp))
@@ -447,7 +439,7 @@ def gap_run(
             "warmup": warmup,
             "samples": samples,
             "chains": chains,
-            "divergences": int(idata.sample_stats["diverging"].sum()),
+            "divergences": int(group(idata, "sample_stats")["diverging"].sum()),
             "per_point": posterior_check(idata, (res.q_loc, res.q_scale), (res.qstar_loc, res.qstar_scale)),
         }
         if chains < 2:
