@@ -80,7 +80,12 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dequantize", action="store_true", default=None, help="x = (pixel + U(0,1))/256 (with --binarize none)"
     )
-    g.add_argument("--val-size", type=int, help="validation images held out of the training set, seeded (default 5000)")
+    g.add_argument(
+        "--val-size",
+        type=int,
+        help="validation images held out of the training set, seeded (default: 10%% of the training images, "
+        "at most 5000; 0 monitors on training images)",
+    )
     g.add_argument("--train-size", type=_positive_int, help="use only the first N training images")
 
 

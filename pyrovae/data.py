@@ -28,6 +28,7 @@ IDX_FILES = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 BINARIZE = ("none", "dynamic", "fixed")
+MAX_DEFAULT_VAL = 5000  # the default validation split: 10% of the training images, at most this many
 
 
 @dataclass(frozen=True)
@@ -364,21 +365,29 @@ class Splits:
     train_pixel_mean: torch.Tensor  # per-pixel mean intensity of the training images in [0, 1]
 
 
+def default_val_size(n_train: int) -> int:
+    """The validation images held out by default: 10% of the training images, at most 5000."""
+    return min(MAX_DEFAULT_VAL, n_train // 10)
+
+
 def make_splits(
     data: RawDataset,
     pixels: Pixels,
     device: torch.device | str = "cpu",
-    val_size: int = 5000,
+    val_size: int | None = None,
     train_size: int | None = None,
     seed: int = 0,
 ) -> Splits:
-    """Hold out a seeded validation split from the training set; ``train_size`` keeps the first N images."""
+    """Hold out a seeded validation split from the training set (``val_size`` images, default
+    :func:`default_val_size`); ``train_size`` keeps the first N images."""
     x, y = data.train_x, data.train_y
     if train_size is not None:
         if train_size < 2:
             raise PyrovaeError(f"--train-size must be at least 2, got {train_size}")
         x, y = x[:train_size], y[:train_size]
     n = len(x)
+    if val_size is None:
+        val_size = default_val_size(n)
     if not 0 <= val_size < n:
         raise PyrovaeError(f"--val-size must be between 0 and {n - 1} for {n} training images, got {val_size}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))

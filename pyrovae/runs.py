@@ -44,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "lr_schedule": "none",
     "lr_gamma": 0.95,
     "warmup_epochs": 0.0,
-    "val_size": 5000,
+    "val_size": None,  # data.default_val_size: 10% of the training images, at most 5000
     "train_size": None,
     "device": "auto",
     "seed": 0,
@@ -71,7 +71,9 @@ def load_splits(cfg: dict[str, Any], device: torch.device) -> Splits:
     else:
         raw = load_dataset(cfg["dataset"], cfg.get("data_dir"), cfg.get("root"), cfg.get("download", False))
     pixels = Pixels(cfg["binarize"], cfg.get("dequantize", False))
-    val_size = min(cfg["val_size"], len(raw.train_x) // 5) if cfg["dataset"] == "synthetic" else cfg["val_size"]
+    val_size = cfg["val_size"]
+    if val_size is not None and cfg["dataset"] == "synthetic":
+        val_size = min(val_size, len(raw.train_x) // 5)
     return make_splits(raw, pixels, device, val_size=val_size, train_size=cfg.get("train_size"), seed=cfg["seed"])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from pyrovae import Pixels, PyrovaeError, load_dataset, make_splits, synthetic
-from pyrovae.data import ImageData, read_idx, write_idx_folder
+from pyrovae.data import ImageData, default_val_size, read_idx, write_idx_folder
 
 
 def _listing(folder):
@@ -105,6 +106,15 @@ def test_splits_are_seeded_disjoint_and_sized():
     assert len(small.train) == 80 and len(small.val) == 20
     with pytest.raises(PyrovaeError, match="--val-size must be between 0 and 99"):
         make_splits(raw, Pixels("none"), val_size=100, train_size=100)
+
+
+def test_default_validation_split_is_a_tenth_capped_at_5000():
+    raw = synthetic(n_train=300, n_test=10, shape=(1, 4, 4), seed=0)
+    assert len(make_splits(raw, Pixels("fixed"), train_size=120).val) == 12
+    assert len(make_splits(raw, Pixels("fixed")).val) == 30
+    big = dataclasses.replace(raw, train_x=torch.zeros(60000, 1, 2, 2, dtype=torch.uint8), train_y=torch.zeros(60000, dtype=torch.long))
+    assert [default_val_size(n) for n in (3000, 49999, 50000, 60000)] == [300, 4999, 5000, 5000]
+    assert len(make_splits(big, Pixels("fixed")).val) == 5000
 
 
 @pytest.mark.skipif(not os.environ.get("PYROVAE_DATA"), reason="PYROVAE_DATA is not set (point it at the shared data)")
