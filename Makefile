@@ -1,6 +1,7 @@
 # `make demo` runs the main job (VAE vs mixture on Fashion-MNIST); `make test` runs lint and the test suite. Both create .venv first.
 PY ?= python3
-VENV := .venv
+# one venv per Python, e.g. make test PY=python3.13 VENV=.venv-3.13
+VENV ?= .venv
 BIN := $(VENV)/bin
 # The shared Fashion-MNIST beside a checkout is used when present (else the demo downloads it).
 SHARED := $(wildcard ../shared/data)
@@ -21,4 +22,5 @@ demo: venv
 
 test: venv
 	$(BIN)/ruff check pyrovae tests bench examples
+	$(BIN)/python -c 'import platform, arviz, pyro, torch; print(f"Python {platform.python_version()}, ArviZ {arviz.__version__}, Pyro {pyro.__version__}, torch {torch.__version__}")' 2>/dev/null
 	$(BIN)/python -m pytest -q
