@@ -1,7 +1,8 @@
 """Figures of a trained run: samples, reconstructions, latent space, interpolations, training curves, k̂.
 
-Image grids go through ``torchvision.utils.save_image``; plots through matplotlib's Agg backend
-(no display needed). Every function writes one PNG and returns its path.
+Image grids go through ``torchvision.utils.save_image``; plots are matplotlib ``Figure`` objects drawn by
+the Agg canvas (no display, and no process-wide ``matplotlib.use`` or pyplot state). Every function writes one
+PNG and returns its path.
 """
 
 from __future__ import annotations
@@ -9,15 +10,12 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torchvision.utils import save_image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torchvision.utils import save_image  # noqa: E402
-
-from .models import VAE  # noqa: E402
+from .models import VAE
 
 
 def prior_samples(vae: VAE, like: torch.Tensor, path: Path, n: int = 64) -> Path:
@@ -65,7 +63,8 @@ def latent_scatter(z_mean: torch.Tensor, labels: torch.Tensor | None, path: Path
         title += " (first two principal components)"
     elif z.shape[1] == 1:
         z = torch.cat([z, torch.zeros_like(z)], dim=1)
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
     colour = labels.numpy() if labels is not None else None
     points = ax.scatter(z[:, 0].numpy(), z[:, 1].numpy(), c=colour, cmap="tab10", s=4, alpha=0.7)
     if labels is not None:
@@ -75,7 +74,6 @@ def latent_scatter(z_mean: torch.Tensor, labels: torch.Tensor | None, path: Path
     ax.set_ylabel("z2" if z_mean.shape[1] <= 2 else "PC2")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -88,7 +86,8 @@ def training_curves(metrics_csv: Path, path: Path) -> Path | None:
     if not rows:
         return None
     epochs = [int(r["epoch"]) for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for key, label in (("train_elbo", "train ELBO"), ("val_elbo", "validation ELBO")):
         values = [float(r[key]) if r.get(key) not in (None, "") else np.nan for r in rows]
         ax.plot(epochs, values, marker="o", ms=3, label=label)
@@ -98,7 +97,6 @@ def training_curves(metrics_csv: Path, path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -108,7 +106,8 @@ def khat_plot(khat: np.ndarray, path: Path) -> Path | None:
     finite = khat[np.isfinite(khat)]
     if finite.size == 0:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     ax.hist(finite, bins=min(50, max(10, finite.size // 20)), color="0.5")
     for threshold, colour in ((0.5, "tab:orange"), (0.7, "tab:red")):
         ax.axvline(threshold, color=colour, ls="--", label=f"k̂ = {threshold}")
@@ -117,7 +116,6 @@ def khat_plot(khat: np.ndarray, path: Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

@@ -341,15 +341,12 @@ def sample_quality(
 # ------------------------------------------------------------------------------------------- figure
 def compare_figure(blocks: dict[str, torch.Tensor], path: Path, per_block: int = 64) -> Path:
     """One PNG: a labelled square grid of ``per_block`` images per sampler, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from torchvision.utils import make_grid
 
     nrow = int(round(per_block**0.5))
-    fig, axes = plt.subplots(1, len(blocks), figsize=(4 * len(blocks), 4.4))
-    axes = [axes] if len(blocks) == 1 else list(axes)
+    fig = Figure(figsize=(4 * len(blocks), 4.4))
+    axes = fig.subplots(1, len(blocks), squeeze=False)[0]
     for ax, (title, imgs) in zip(axes, blocks.items()):
         grid = make_grid(imgs[:per_block].clamp(0, 1).cpu(), nrow=nrow, padding=1, pad_value=1.0)
         ax.imshow(grid.permute(1, 2, 0).numpy().squeeze(), cmap="gray" if grid.shape[0] in (1, 3) else None)
@@ -357,7 +354,6 @@ def compare_figure(blocks: dict[str, torch.Tensor], path: Path, per_block: int =
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return Path(path)
 
 
