@@ -29,6 +29,7 @@ import torch
 
 from .errors import PyrovaeError
 from .evaluate import ACTIVE_THRESHOLD, bits_per_dim, evaluate_points, log_likelihood
+from .files import write_text
 from .gmm import GMM
 from .runs import DEFAULTS, read_config, resolve_device, train_vae
 from .train import atomic_write, fit, load_checkpoint, write_json
@@ -201,7 +202,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
         "models": rows,
     }
     write_json(out / "compare.json", summary)
-    (out / "compare.md").write_text(_markdown(summary))
+    write_text(out / "compare.md", _markdown(summary))
     if not args.no_figures:
         from .figures import compare_figures
 

@@ -561,7 +561,7 @@ def write_netcdf(path: Path, res: PointEvaluation, labels: torch.Tensor | None, 
     """Per-point results as an ArviZ object (InferenceData or DataTree; group ``evaluation``, dims point and latent), atomically."""
     import xarray as xr
 
-    from .train import atomic_write
+    from .files import atomic_path
 
     data_vars = {
         "log_likelihood": ("point", res.log_likelihood.double().numpy()),
@@ -577,12 +577,8 @@ def write_netcdf(path: Path, res: PointEvaluation, labels: torch.Tensor | None, 
     attrs = {k: v for k, v in summary.items() if isinstance(v, int | float | str) and not isinstance(v, bool)}
     ds = xr.Dataset(data_vars, coords={"point": np.arange(len(res.log_likelihood))}, attrs=attrs)
     idata = make_idata(evaluation=ds)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:  # a fresh temporary name: a planted symlink cannot redirect the write
         idata.to_netcdf(str(tmp))
-        atomic_write(path, lambda f: f.write(tmp.read_bytes()))
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _fmt(v: Any, spec: str = ".2f") -> str:

@@ -318,7 +318,7 @@ def write_posterior(path: Path, idata, res: GapResult, points: int, attrs: dict[
     """The NUTS draws plus a ``variational`` group (q and q* loc/scale of the same points), as netCDF, atomically."""
     import xarray as xr
 
-    from .train import atomic_write
+    from .files import atomic_path
 
     dims = ("point", "latent")
     ds = xr.Dataset(
@@ -332,12 +332,8 @@ def write_posterior(path: Path, idata, res: GapResult, points: int, attrs: dict[
         attrs={k: v for k, v in attrs.items() if isinstance(v, int | float | str) and not isinstance(v, bool)},
     )
     out = make_idata(posterior=group(idata, "posterior"), sample_stats=group(idata, "sample_stats"), variational=ds)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:  # a fresh temporary name: a planted symlink cannot redirect the write
         out.to_netcdf(str(tmp))
-        atomic_write(path, lambda f: f.write(tmp.read_bytes()))
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------ run folder

@@ -272,7 +272,7 @@ def baseline_log_likelihood(
 
 def completion_grid(x: torch.Tensor, mask: torch.Tensor, completions: torch.Tensor, path: Path) -> Path:
     """One row per image: the input with its hole (missing pixels coloured), the completions, the truth."""
-    from torchvision.utils import save_image
+    from .figures import save_image
 
     def rgb(t: torch.Tensor) -> torch.Tensor:
         return t.clamp(0, 1).expand(*t.shape[:-3], 3, *t.shape[-2:]) if t.shape[-3] == 1 else t.clamp(0, 1)

@@ -344,6 +344,8 @@ def compare_figure(blocks: dict[str, torch.Tensor], path: Path, per_block: int =
     from matplotlib.figure import Figure
     from torchvision.utils import make_grid
 
+    from .files import save_figure
+
     nrow = int(round(per_block**0.5))
     fig = Figure(figsize=(4 * len(blocks), 4.4))
     axes = fig.subplots(1, len(blocks), squeeze=False)[0]
@@ -353,8 +355,7 @@ def compare_figure(blocks: dict[str, torch.Tensor], path: Path, per_block: int =
         ax.set_title(title, fontsize=11)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return Path(path)
+    return save_figure(fig, path, dpi=120)
 
 
 # --------------------------------------------------------------------------------------- run folder

@@ -395,7 +395,7 @@ def run_semisupervised(
     out.mkdir(parents=True, exist_ok=True)
     pyro.set_rng_seed(seed + 1)
     grid = m2.sample_per_class(10, x_test).clamp(0, 1).cpu()
-    from torchvision.utils import save_image
+    from .figures import save_image
 
     save_image(grid, out / "samples_per_class.png", nrow=10, padding=1, pad_value=1.0)
     summary: dict[str, Any] = {
