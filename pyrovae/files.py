@@ -8,6 +8,7 @@ of a killed writer can be recognised and removed (:func:`remove_stale_temp_files
 
 from __future__ import annotations
 
+import codecs
 import errno
 import io
 import json
@@ -34,6 +35,8 @@ NUMPY_PICKLE_GLOBALS = {
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
 }
+# bytes pickled by Python 3 at protocol 2 (a CIFAR batch re-saved) are rebuilt by _codecs.encode: text -> bytes
+PLAIN_PICKLE_GLOBALS = {**NUMPY_PICKLE_GLOBALS, ("_codecs", "encode"): codecs.encode}
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -166,7 +169,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     """An unpickler that builds plain containers, bytes, strings and numpy arrays, and nothing else."""
 
     def find_class(self, module: str, name: str) -> Any:
-        found = NUMPY_PICKLE_GLOBALS.get((module, name))
+        found = PLAIN_PICKLE_GLOBALS.get((module, name))
         if found is None:
             raise pickle.UnpicklingError(f"{module}.{name} is not allowed")
         return found
