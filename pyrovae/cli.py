@@ -307,6 +307,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             distributed.teardown()
     if not first:
         return 130 if result.interrupted else 0
+    if result.interrupted and result.checkpoint is None:
+        print(f"interrupted before the first step: nothing saved in {out}", file=sys.stderr)
+        return 130
     if result.interrupted:
         print(
             f"interrupted: checkpoint saved in {out}; continue with: pyrovae train --out {out} --resume",

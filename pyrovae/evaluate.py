@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -482,6 +483,8 @@ def evaluate_run(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise PyrovaeError(f"no run folder {run_dir}")
+    if not os.access(run_dir, os.W_OK | os.X_OK):  # found before the evaluation's minutes, not after
+        raise PyrovaeError(f"cannot write the results into {run_dir}: permission denied")
     if k < 1:
         raise PyrovaeError(f"--k must be at least 1, got {k}")
     if split not in SPLITS:

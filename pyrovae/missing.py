@@ -19,6 +19,7 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -299,7 +300,14 @@ def build_masked_model(cfg: dict[str, Any], splits: Splits) -> MaskedVAE:
     return vae
 
 
-def train_masked(cfg: dict[str, Any], out: str | Path, *, resume: bool = False, quiet: bool = False):
+def train_masked(
+    cfg: dict[str, Any],
+    out: str | Path,
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    on_first_checkpoint: Callable[[], None] | None = None,
+):
     """Train (or resume) the masked VAE a config describes (``mask``, ``mask_rate`` on top of ``runs.DEFAULTS``)
     into ``out``; returns (splits, vae, FitResult)."""
     from .runs import fit_from_config, load_splits, resolve_device
@@ -310,7 +318,19 @@ def train_masked(cfg: dict[str, Any], out: str | Path, *, resume: bool = False, 
     vae = build_masked_model(cfg, splits)
     train = MaskedImageData(splits.train, cfg["mask"], cfg["mask_rate"])
     val = MaskedImageData(splits.val, cfg["mask"], cfg["mask_rate"], fixed_seed=cfg["seed"] + 11)
-    result = fit_from_config(cfg, vae, splits, train, val, out, resume=resume, quiet=quiet, record={"masked": True})
+    record = {"masked": True}
+    result = fit_from_config(
+        cfg,
+        vae,
+        splits,
+        train,
+        val,
+        out,
+        resume=resume,
+        quiet=quiet,
+        record=record,
+        on_first_checkpoint=on_first_checkpoint,
+    )
     return splits, vae, result
 
 
@@ -506,7 +526,15 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train_masked(args: argparse.Namespace) -> int:
-    from .cli import check_run_folder, train_config
+    from .cli import check_run_folder
+    from .files import RunLock
+
+    with RunLock(check_run_folder(args)):  # checked before the lock makes the folder, and again inside it
+        return _train_masked_locked(args)
+
+
+def _train_masked_locked(args: argparse.Namespace) -> int:
+    from .cli import check_run_folder, remove_derived, train_config
 
     out = check_run_folder(args)
     cfg = train_config(args)  # on --resume: the saved run's, refusing changed options
@@ -523,10 +551,9 @@ def cmd_train_masked(args: argparse.Namespace) -> int:
         cfg = {**cfg, "mask": args.mask or "mix", "mask_rate": 0.5 if args.rate is None else args.rate}
     if cfg["elbo"] == "renyi" and cfg["alpha"] is None:
         raise PyrovaeError("--elbo renyi needs --alpha (e.g. 0.5)")
-    if args.overwrite:
-        for name in ("checkpoint.pt", "metrics.csv", "config.json"):
-            (out / name).unlink(missing_ok=True)
-    _, _, result = train_masked(cfg, out, resume=args.resume, quiet=args.quiet)
+    # the old run (with --overwrite) is replaced only once the new one has written its first checkpoint
+    replaced = (lambda: remove_derived(out)) if args.overwrite else None
+    _, _, result = train_masked(cfg, out, resume=args.resume, quiet=args.quiet, on_first_checkpoint=replaced)
     if result.interrupted:
         print(
             f"interrupted: checkpoint saved in {out}; continue with: pyrovae train-masked --out {out} --resume",

@@ -8,6 +8,7 @@ need nothing else. A saved config must be complete and well typed: nothing is fi
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 from collections.abc import Callable
@@ -169,6 +170,8 @@ def check_config(cfg: Any, where: str = "the config") -> dict[str, Any]:
 def read_config(run_dir: str | Path) -> dict[str, Any]:
     """A run folder's ``config.json``, checked: complete, of this ``config_version``, and well typed."""
     path = Path(run_dir) / "config.json"
+    if Path(run_dir).is_dir() and not os.access(run_dir, os.R_OK | os.X_OK):
+        raise PyrovaeError(f"cannot read the run folder {run_dir}: permission denied")
     if not path.is_file():
         raise PyrovaeError(f"{run_dir} is not a run folder: no config.json (make one with 'pyrovae train --out')")
     try:

@@ -53,7 +53,7 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     epochs_done: int = 0
     interrupted: bool = False
-    checkpoint: Path | None = None
+    checkpoint: Path | None = None  # None when interrupted before the first step (nothing saved)
     data_parallel: str = ""  # "ddp" or "all-reduce" when several processes trained together
 
     @property
@@ -406,8 +406,11 @@ def fit(
                     if bad >= 0:
                         raise _nonfinite(epoch, bad, ckpt_path)
                 if halt or (max_steps is not None and steps >= max_steps):
-                    save(epoch, b, perm, float(total) + host_total)
                     result.interrupted = True
+                    if halt and steps == 0 and not resume:  # stopped before any step: nothing to save, nothing replaced
+                        result.checkpoint = None
+                        return result
+                    save(epoch, b, perm, float(total) + host_total)
                     return result
                 idx = ddp.shard(perm, b, batch_size, w)
                 optimizer.zero_grad(set_to_none=True)
