@@ -286,7 +286,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         help="VAE vs Gaussian/Bernoulli mixture on one representation",
         description="Train (or load) a VAE and a mixture on the same data; write compare.json, compare.md and figures.",
     )
-    from .cli import _positive_float, _positive_int
+    from .cli import _positive_float, _positive_int, _seed
 
     p.add_argument(
         "--representation",
@@ -313,7 +313,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=_positive_int, help="evaluate on the first N test images (default all)")
     p.add_argument("--memory-mb", type=_positive_float, default=1024.0, help="memory bound of the evaluation")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
     p.add_argument("--overwrite", action="store_true", help="replace a comparison already in --out")
     p.add_argument("--no-figures", action="store_true")

@@ -27,6 +27,7 @@ from .errors import PyrovaeError
 
 LOCK_NAME = ".lock"
 TEMP_SUFFIX = ".tmp"
+_TEMP_NAME = re.compile(r"\..+\.(\d+)\.[A-Za-z0-9_]+\.tmp")  # .NAME.PID.RANDOM.tmp, as _fresh_temp makes them
 # numpy's own reconstructor, whatever module it lives in (numpy.core in 1.x, numpy._core in 2.x)
 _NP_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(0))[0]
 NUMPY_PICKLE_GLOBALS = {
@@ -58,22 +59,16 @@ def _write_failed(path: Path, exc: BaseException) -> PyrovaeError | None:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A fresh temporary path beside ``path`` to write to; renamed onto ``path`` only when the block succeeds."""
-    path = Path(path)
+def _fresh_temp(path: Path) -> Iterator[tuple[int, Path]]:
+    """A new file (``O_EXCL``, the umask's permissions) beside ``path``, renamed onto it if the block succeeds."""
     try:
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX)
     except OSError as exc:
         raise _write_failed(path, exc) from None
     tmp = Path(name)
     try:
-        try:
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the umask's permissions
-        finally:
-            os.close(fd)
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the umask's permissions
+        yield fd, tmp
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
@@ -83,13 +78,26 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A fresh temporary path beside ``path``, for writers that need a name (netCDF); renamed onto ``path``
+    only when the block succeeds."""
+    with _fresh_temp(Path(path)) as (fd, tmp):
+        os.close(fd)
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+
+
 def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], Any] | bytes) -> None:
     """Write a file atomically: ``write(f)`` on a fresh temporary file (or these bytes), then rename into place."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with _fresh_temp(Path(path)) as (fd, _), os.fdopen(fd, "wb") as f:  # the very file mkstemp made
         if isinstance(write, bytes | bytearray | memoryview):
             f.write(write)
         else:
             write(f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -127,9 +135,9 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         return removed
     for p in folder.glob(f".*{TEMP_SUFFIX}"):
-        parts = p.name[1:].split(".")  # NAME.PID.RANDOM.tmp
-        pid = next((int(s) for s in reversed(parts[:-2]) if s.isdigit()), None)
-        if pid is None or pid == os.getpid() or _pid_alive(pid) or not p.is_file() or p.is_symlink():
+        match = _TEMP_NAME.fullmatch(p.name)
+        pid = int(match.group(1)) if match else None
+        if pid is None or pid == os.getpid() or _pid_alive(pid) or p.is_symlink() or not p.is_file():
             continue
         p.unlink(missing_ok=True)
         removed.append(p)

@@ -494,7 +494,7 @@ def _markdown(s: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------ CLI
 def register_cli(sub: argparse._SubParsersAction) -> None:
     """Add ``pyrovae gap``."""
-    from .cli import _count, _positive_float, _positive_int
+    from .cli import _count, _positive_float, _positive_int, _seed
 
     g = sub.add_parser(
         "gap",
@@ -516,7 +516,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--jit", action="store_true", help="JIT-trace the NUTS potential (about 2x faster)")
     g.add_argument("--split", choices=["test", "val"], default="test", help="which split (default test)")
     g.add_argument("--memory-mb", type=_positive_float, default=1024.0, help="memory bound per call (default 1024)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=_seed, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     g.set_defaults(func=cmd_gap)

@@ -467,7 +467,7 @@ def _rate(text: str) -> float:
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
     """Add ``pyrovae train-masked`` and ``pyrovae complete``."""
-    from .cli import _hidden, _positive_float, _positive_int, add_data_options
+    from .cli import _hidden, _positive_float, _positive_int, _seed, add_data_options
     from .infer import ESTIMATORS
     from .likelihoods import LIKELIHOODS
 
@@ -498,7 +498,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--lr", type=_positive_float, help="Adam learning rate (default 1e-3)")
     g.add_argument("--clip-norm", type=_positive_float, help="clip the gradient's global norm to this")
     g.add_argument("--device", help="auto, cpu or cuda (default auto)")
-    g.add_argument("--seed", type=int, help="seed (default 0)")
+    g.add_argument("--seed", type=_seed, help="seed (default 0)")
     g.add_argument("--out", default="runs/masked", help="run folder (default runs/masked)")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -519,7 +519,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--show", type=int, default=8, help="images in completions.png (default 8; 0: no figure)")
     c.add_argument("--completions", type=_positive_int, default=5, help="draws per image in the figure (default 5)")
     c.add_argument("--memory-mb", type=_positive_float, default=1024.0, help="memory bound per call (default 1024)")
-    c.add_argument("--seed", type=int, default=0, help="seed of the masks and draws (default 0)")
+    c.add_argument("--seed", type=_seed, default=0, help="seed of the masks and draws (default 0)")
     c.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     c.add_argument("--quiet", action="store_true", help="no summary line")
     c.set_defaults(func=cmd_complete)
