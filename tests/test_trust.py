@@ -180,6 +180,27 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(run, capsys, monk
     assert not [p for p in os.listdir(run) if p.endswith(".tmp")]
 
 
+def test_a_really_full_disk_is_one_line_and_keeps_the_last_checkpoint(trained, tmp_path):
+    """On a tmpfs with room for one checkpoint but not two (root only, where mounting is allowed)."""
+    if not AS_ROOT:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    need = sum(p.stat().st_size for p in trained.iterdir()) + (trained / "checkpoint.pt").stat().st_size // 2
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={need // 1024 + 16}k", "tmpfs", str(disk)])
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        run = Path(shutil.copytree(trained, disk / "run"))
+        before = snapshot(run)
+        res = run_cli("train", "--out", run, "--resume", "--epochs", "2", "--quiet")
+        assert res.returncode == 2
+        assert "No space left on device" in one_line(res.stderr) and "checkpoint.pt" in res.stderr
+        assert snapshot(run) == before
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
 def test_resume_with_no_more_epochs_is_refused(run, capsys):
     before = snapshot(run)
     code, err = cli(capsys, "train", "--out", run, "--resume", "--epochs", "1")
