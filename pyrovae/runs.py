@@ -229,7 +229,7 @@ def fit_from_config(
     resume: bool = False,
     quiet: bool = False,
     record: dict[str, Any] | None = None,
-    on_first_checkpoint=None,
+    on_first_checkpoint: Callable[[], None] | None = None,
 ):
     """``fit`` with the optimisation settings of a run config; writes the config (plus data facts) with the run."""
     from . import __version__

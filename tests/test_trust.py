@@ -326,3 +326,16 @@ def test_ctrl_c_during_start_up_is_one_line_and_leaves_nothing(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and one_line(err) == "pyrovae: interrupted"
     assert not out.exists()
+
+
+def test_a_second_signal_stops_at_once_except_inside_a_checkpoint_write():
+    from pyrovae.train import _StopFlag
+
+    flag = _StopFlag()
+    flag._handle(signal.SIGINT, None)
+    assert flag.set
+    flag.saving = True
+    flag._handle(signal.SIGTERM, None)  # during the shutdown save: the write finishes
+    flag.saving = False
+    with pytest.raises(KeyboardInterrupt):
+        flag._handle(signal.SIGINT, None)
