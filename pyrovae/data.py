@@ -407,17 +407,20 @@ def make_splits(
     if train_size is not None:
         if train_size < 2:
             raise PyrovaeError(f"--train-size must be at least 2, got {train_size}")
-        if train_size > len(x):
-            warnings.warn(
-                PyrovaeWarning(f"--train-size {train_size} is more than {data.name} holds: using all {len(x)} images"),
-                stacklevel=2,
-            )
         x, y = x[:train_size], y[:train_size]
     n = len(x)
     if val_size is None:
         val_size = default_val_size(n)
     if not 0 <= val_size < n:
         raise PyrovaeError(f"--val-size must be between 0 and {n - 1} for {n} training images, got {val_size}")
+    if train_size is not None and train_size > n:
+        warnings.warn(
+            PyrovaeWarning(
+                f"--train-size {train_size} is more than {data.name} holds: using all {n} images, "
+                f"{n - val_size} to train on and {val_size} held out for validation"
+            ),
+            stacklevel=2,
+        )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values
     if val_size == 0:

@@ -230,6 +230,9 @@ def test_an_explicit_data_dir_is_the_only_place_looked_in(tmp_path, monkeypatch,
 
 def test_a_train_size_beyond_the_data_says_what_was_used():
     raw = synthetic(n_train=300, n_test=10)
-    with pytest.warns(PyrovaeWarning, match="--train-size 1000 is more than synthetic holds: using all 300"):
+    with pytest.warns(
+        PyrovaeWarning,
+        match="--train-size 1000 is more than synthetic holds: using all 300 images, 270 to train on and 30 held out",
+    ):
         splits = make_splits(raw, Pixels("fixed"), train_size=1000, val_size=30)
     assert len(splits.train) == 270

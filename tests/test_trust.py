@@ -255,7 +255,10 @@ def test_an_unreadable_data_file_and_a_broken_gz_are_one_line(tmp_path, capsys):
 def test_a_train_size_beyond_the_data_says_what_was_used(tmp_path, capsys):
     code, err = cli(capsys, "train", *SMALL, "--epochs", "1", "--train-size", "100000", "--out", tmp_path / "o")
     assert code == 0
-    assert "note: --train-size 100000 is more than synthetic holds: using all 2000" in one_line(err)
+    assert (
+        "note: --train-size 100000 is more than synthetic holds: using all 2000 images, 1800 to train on"
+        in one_line(err)
+    )
 
 
 def test_evaluate_quiet_prints_nothing(run):
