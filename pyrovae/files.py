@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -153,16 +154,27 @@ def load_weights(path: str | Path, map_location: Any = None) -> Any:
     try:
         # older runs recorded torch.__version__ itself (a str subclass) in their config
         allowed = [*NUMPY_PICKLE_GLOBALS.values(), *_numpy_dtype_classes(), torch.torch_version.TorchVersion]
-        with torch.serialization.safe_globals(allowed):
+        with torch.serialization.safe_globals(allowed), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's remarks on a damaged file's pickle protocol: the error says it
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         culprit = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        what = f" (it names {culprit.group(1)})" if culprit else ""
+        if culprit is None:  # no foreign object named: a damaged file, or not a checkpoint at all
+            detail = [
+                line.strip() for line in str(exc).split("WeightsUnpickler error:")[-1].splitlines() if line.strip()
+            ]
+            raise PyrovaeError(
+                f"cannot read checkpoint {path}: damaged, or not a checkpoint ({(detail or ['unreadable'])[0]})"
+            ) from None
         raise PyrovaeError(
-            f"refusing to load {path}: it holds objects other than tensors, numbers, strings and containers{what}"
+            f"refusing to load {path}: it holds objects other than tensors, numbers, strings and containers "
+            f"(it names {culprit.group(1)})"
         ) from None
-    except (OSError, RuntimeError, EOFError, ValueError, KeyError, AttributeError, TypeError) as exc:
-        raise PyrovaeError(f"cannot read checkpoint {path}: {exc}".splitlines()[0]) from None
+    except OSError as exc:
+        raise PyrovaeError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    except Exception as exc:  # a damaged file fails in many ways inside torch's reader
+        detail = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise PyrovaeError(f"cannot read checkpoint {path}: damaged, or not a checkpoint ({detail})") from None
 
 
 def _numpy_dtype_classes() -> list[type]:

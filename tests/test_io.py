@@ -236,3 +236,15 @@ def test_a_train_size_beyond_the_data_says_what_was_used():
     ):
         splits = make_splits(raw, Pixels("fixed"), train_size=1000, val_size=30)
     assert len(splits.train) == 270
+
+
+@pytest.mark.parametrize("damage", ["random", "truncated"])
+def test_a_damaged_checkpoint_is_one_line_and_not_called_planted(tmp_path, damage):
+    torch.save({"w": torch.ones(1000)}, tmp_path / "c.pt")
+    good = (tmp_path / "c.pt").read_bytes()
+    for seed in range(30):  # random bytes fail in many ways inside torch's reader: each is one line
+        bad = np.random.default_rng(seed).bytes(3000) if damage == "random" else good[: len(good) * seed // 30]
+        (tmp_path / "c.pt").write_bytes(bad)
+        with pytest.raises(PyrovaeError, match="cannot read checkpoint") as info:
+            load_weights(tmp_path / "c.pt")
+        assert len(str(info.value).splitlines()) == 1 and "refusing" not in str(info.value)
