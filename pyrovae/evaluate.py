@@ -491,9 +491,11 @@ def evaluate_run(
         raise PyrovaeError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if n is not None and n < 1:
         raise PyrovaeError(f"--n must be at least 1, got {n}")
+    from .files import remove_stale_temp_files
     from .runs import load_run
     from .train import write_json
 
+    remove_stale_temp_files(run_dir)  # of an evaluation or training killed mid-write
     t0 = time.perf_counter()
     cfg, splits, vae = load_run(run_dir, device)
     data = splits.test if split == "test" else splits.val
