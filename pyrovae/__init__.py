@@ -1,16 +1,37 @@
 """pyrovae: variational autoencoders written as Pyro programs, with swappable ELBOs."""
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from .data import ImageData, Pixels, TensorData, load_dataset, make_splits, synthetic  # noqa: E402
-from .errors import PyrovaeError  # noqa: E402
-from .evaluate import PointEvaluation, evaluate_points, evaluate_run, log_likelihood, pareto_khat  # noqa: E402
-from .gmm import GMM, kmeans_pp  # noqa: E402
-from .infer import ESTIMATORS, RenyiBound, make_elbo  # noqa: E402
-from .likelihoods import LIKELIHOODS, make_likelihood  # noqa: E402
-from .models import VAE, build_vae  # noqa: E402
-from .runs import load_run  # noqa: E402
-from .train import FitResult, evaluate_elbo, fit  # noqa: E402
+_EXPORTS = {  # name -> module: imported on first use, so that `import pyrovae` (and the CLI's start) is quick
+    "ImageData": "data",
+    "Pixels": "data",
+    "TensorData": "data",
+    "load_dataset": "data",
+    "make_splits": "data",
+    "synthetic": "data",
+    "PyrovaeError": "errors",
+    "PointEvaluation": "evaluate",
+    "evaluate_points": "evaluate",
+    "evaluate_run": "evaluate",
+    "log_likelihood": "evaluate",
+    "pareto_khat": "evaluate",
+    "GMM": "gmm",
+    "kmeans_pp": "gmm",
+    "ESTIMATORS": "infer",
+    "RenyiBound": "infer",
+    "make_elbo": "infer",
+    "LIKELIHOODS": "likelihoods",
+    "make_likelihood": "likelihoods",
+    "VAE": "models",
+    "build_vae": "models",
+    "load_run": "runs",
+    "FitResult": "train",
+    "evaluate_elbo": "train",
+    "fit": "train",
+}
 
 __all__ = [
     "ESTIMATORS",
@@ -39,3 +60,15 @@ __all__ = [
     "pareto_khat",
     "synthetic",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The public names, imported from their modules when first asked for (PEP 562)."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pyrovae' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
+import os
+import signal
 import sys
+import threading
+import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from . import __version__, distributed
 from .data import BINARIZE, DATASETS
-from .errors import NonFiniteLoss, PyrovaeError
+from .errors import NonFiniteLoss, PyrovaeError, PyrovaeWarning
+from .files import RunLock
 from .infer import ESTIMATORS
 from .likelihoods import LIKELIHOODS
 from .nets import ACTIVATIONS, PRESETS
-from .runs import DEFAULTS, read_config, resolve_device, train_vae
+from .runs import DEFAULTS, MAX_SEED, read_config, resolve_device, train_vae
 from .train import LR_SCHEDULES
 
 
@@ -45,6 +52,23 @@ def _int_at_least(lowest: int, name: str):
 
 _positive_int = _int_at_least(1, "positive")
 _count = _int_at_least(0, "non-negative")
+
+
+def _seed(text: str) -> int:
+    value = _count(text)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a seed between 0 and {MAX_SEED}, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    return value
 
 
 def _positive_float(text: str) -> float:
@@ -140,14 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr-gamma", type=_positive_float, help="decay per epoch of the exponential schedule (default 0.95)"
     )
     g.add_argument(
-        "--warmup-epochs", type=float, help="KL warm-up: β rises linearly to 1 over this many epochs (default 0)"
+        "--warmup-epochs",
+        type=_non_negative_float,
+        help="KL warm-up: β rises linearly to 1 over this many epochs (default 0)",
     )
     g = t.add_argument_group("run")
     g.add_argument("--device", help="auto, cpu or cuda (default auto)")
     g.add_argument(
         "--autocast", choices=["bf16", "fp16"], help="run the networks in mixed precision (likelihoods stay float32)"
     )
-    g.add_argument("--seed", type=int, help="seed for initialisation, batching and sampling (default 0)")
+    g.add_argument("--seed", type=_seed, help="seed for initialisation, batching and sampling (default 0)")
     g.add_argument(
         "--nproc",
         type=int,
@@ -202,17 +228,55 @@ def _without_nproc(argv: Sequence[str]) -> list[str]:
     return out
 
 
+# what commands write beside a run's checkpoint: results of the run they describe, removed when it is replaced
+DERIVED_FILES = (
+    *(f"{stem}.{ext}" for stem in ("eval", "gap") for ext in ("json", "md", "nc")),
+    "posterior.nc",
+    "complete.json",
+    "complete.md",
+    "completions.png",
+    "samples.json",
+    "samples.md",
+    "samples_compare.png",
+    *(f"{name}.png" for name in ("samples", "reconstructions", "interpolations", "latents", "training", "khat")),
+)
+
+
+def check_writable_folder(out: Path) -> None:
+    """Refuse a run folder that cannot be made or written (before any data is loaded): one line saying why."""
+    long = next((p for p in out.parts if len(os.fsencode(p)) > 255), None)
+    if long is not None or len(os.fsencode(str(out.absolute()))) > 4000:
+        raise PyrovaeError(f"--out {str(out)[:40]}...: file name too long (at most 255 bytes per folder name)")
+    if out.exists() and not out.is_dir():
+        raise PyrovaeError(f"--out {out} is a file, not a folder")
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise PyrovaeError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PyrovaeError(f"--out {out}: cannot write in {existing} (permission denied)")
+
+
 def check_run_folder(args: argparse.Namespace) -> Path:
-    """``--out`` of a training command: refuse to write over a run unless told to resume or overwrite it."""
+    """``--out`` of a training command: a writable folder; refuse to write over a run unless told to
+    resume or overwrite it."""
+    if not args.out.strip():
+        raise PyrovaeError(f"--out must name a run folder, got {args.out!r}")
     out = Path(args.out)
     if args.resume and args.overwrite:
         raise PyrovaeError("--resume and --overwrite exclude each other")
+    check_writable_folder(out)
     if not args.resume and (out / "checkpoint.pt").exists() and not args.overwrite:
         raise PyrovaeError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
     return out
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def remove_derived(out: Path) -> None:
+    """Remove results of a replaced run (evaluations, figures) so that none describes the new one."""
+    for name in DERIVED_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def _checked_config(args: argparse.Namespace) -> dict[str, Any]:
     out = check_run_folder(args)
     cfg = train_config(args)
     if args.resume and cfg.get("masked"):
@@ -221,21 +285,31 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     if cfg["elbo"] == "renyi" and cfg["alpha"] is None:
         raise PyrovaeError("--elbo renyi needs --alpha (e.g. 0.5)")
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    cfg = _checked_config(args)  # refuse bad options before locking, loading or launching anything
     if args.nproc is not None and not distributed.launched():
         distributed.check_nproc(args.nproc, resolve_device(cfg["device"]))
         if args.nproc > 1:  # start the processes; each runs this command (less --nproc) under torchrun
             return distributed.launch(args.nproc, _without_nproc(args.argv))
     first = distributed.env_rank() == 0  # under torchrun only global rank 0 touches the run folder and prints
-    try:
-        distributed.setup(resolve_device(cfg["device"]))  # under torchrun: join the process group, pick the GPU
-        if args.overwrite and out.exists() and first:
-            for name in ("checkpoint.pt", "metrics.csv", "config.json"):
-                (out / name).unlink(missing_ok=True)
-        _, _, result = train_vae(cfg, out, resume=args.resume, quiet=args.quiet)
-    finally:
-        distributed.teardown()
+    with RunLock(out) if first else nullcontext():
+        cfg = _checked_config(args)  # again, now that no other command can change the folder
+        replaced = (lambda: remove_derived(out)) if args.overwrite and first else None
+        try:
+            distributed.setup(resolve_device(cfg["device"]))  # under torchrun: join the process group, pick the GPU
+            # the old run (with --overwrite) is replaced only once the new one has written its first checkpoint
+            _, _, result = train_vae(cfg, out, resume=args.resume, quiet=args.quiet, on_first_checkpoint=replaced)
+        finally:
+            distributed.teardown()
     if not first:
         return 130 if result.interrupted else 0
+    if result.interrupted and result.checkpoint is None:
+        print(f"interrupted before the first step: nothing saved in {out}", file=sys.stderr)
+        return 130
     if result.interrupted:
         print(
             f"interrupted: checkpoint saved in {out}; continue with: pyrovae train --out {out} --resume",
@@ -252,16 +326,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _note(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line on stderr: ``pyrovae: note:`` for pyrovae's own, ``warning:`` for others."""
+    kind = "note" if issubclass(category, PyrovaeWarning) else "warning"
+    sys.stderr.write(f"pyrovae: {kind}: {str(message).splitlines()[0] if str(message) else category.__name__}\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("pyro").setLevel(logging.WARNING)  # Pyro logs its max_plate_nesting guesses at INFO
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # a scheduler's stop = Ctrl-C
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for --nproc, which runs this command again
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _note
+            return args.func(args)
     except PyrovaeError as exc:
         sys.stderr.write(f"pyrovae {args.command}: error: {exc}\n")
         return 1 if isinstance(exc, NonFiniteLoss) else 2
+    except OSError as exc:  # a file that cannot be read or written: say which, and why, on one line
+        reason = "No space left on device" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+        where = f"{exc.filename}: " if exc.filename else ""
+        sys.stderr.write(f"pyrovae {args.command}: error: {where}{reason}\n")
+        return 2
     except KeyboardInterrupt:
         sys.stderr.write("pyrovae: interrupted\n")
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -29,6 +29,7 @@ import torch
 
 from .errors import PyrovaeError
 from .evaluate import ACTIVE_THRESHOLD, bits_per_dim, evaluate_points, log_likelihood
+from .files import write_text
 from .gmm import GMM
 from .runs import DEFAULTS, read_config, resolve_device, train_vae
 from .train import atomic_write, fit, load_checkpoint, write_json
@@ -201,7 +202,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
         "models": rows,
     }
     write_json(out / "compare.json", summary)
-    (out / "compare.md").write_text(_markdown(summary))
+    write_text(out / "compare.md", _markdown(summary))
     if not args.no_figures:
         from .figures import compare_figures
 
@@ -285,7 +286,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         help="VAE vs Gaussian/Bernoulli mixture on one representation",
         description="Train (or load) a VAE and a mixture on the same data; write compare.json, compare.md and figures.",
     )
-    from .cli import _positive_float, _positive_int
+    from .cli import _positive_float, _positive_int, _seed
 
     p.add_argument(
         "--representation",
@@ -312,7 +313,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=_positive_int, help="evaluate on the first N test images (default all)")
     p.add_argument("--memory-mb", type=_positive_float, default=1024.0, help="memory bound of the evaluation")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
     p.add_argument("--overwrite", action="store_true", help="replace a comparison already in --out")
     p.add_argument("--no-figures", action="store_true")

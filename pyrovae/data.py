@@ -1,15 +1,16 @@
 """Datasets as device-resident tensors: one uint8 tensor per split, batched by a permutation on the device.
 
-Finding data: ``--data-dir``, then ``$PYROVAE_DATA``, then the torchvision root (``root``), then
-Debian's system folder, then (only when asked) a torchvision download into the root. Nothing is ever
-written into a folder the data was read from.
+Finding data: an explicit ``--data-dir`` is the only place looked in; without it ``$PYROVAE_DATA``, then the
+torchvision root (``root``), then Debian's system folder, then (only when asked) a torchvision download into
+the root. Nothing is ever written into a folder the data was read from.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
-import pickle
+import warnings
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .errors import PyrovaeError
+from .errors import PyrovaeError, PyrovaeWarning
+from .files import atomic_write, load_plain_pickle
 
 DEFAULT_ROOT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pyrovae" / "data"
 IDX_FILES = {
@@ -73,8 +75,13 @@ def _open(path: Path):
 def read_idx(path: str | Path) -> np.ndarray:
     """Read one MNIST-format idx file (gzipped or not) into a numpy array."""
     path = Path(path)
-    with _open(path) as f:
-        data = f.read()
+    try:
+        with _open(path) as f:
+            data = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise PyrovaeError(f"{path} is not a readable gzip file ({exc or 'it ends early'})") from None
+    except OSError as exc:
+        raise PyrovaeError(f"cannot read {path}: {exc.strerror or exc}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise PyrovaeError(f"{path} is not an idx file of unsigned bytes (bad magic number)")
     ndim = data[3]
@@ -120,10 +127,16 @@ def _read_cifar_folder(name: str, folder: Path) -> RawDataset:
     def load(files: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []
         for file in files:
-            with open(folder / file, "rb") as f:
-                batch = pickle.load(f, encoding="bytes")
-            xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(batch[b"labels"], dtype=np.int64))
+            batch = load_plain_pickle(folder / file)  # never runs code a planted pickle might hold
+            data = batch.get(b"data") if isinstance(batch, dict) else None
+            labels = batch.get(b"labels") if isinstance(batch, dict) else None
+            if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.size % 3072 or labels is None:
+                raise PyrovaeError(f"{folder / file} is not a CIFAR-10 batch (a dict of uint8 data and labels)")
+            xs.append(data.reshape(-1, 3, 32, 32))
+            try:
+                ys.append(np.asarray(labels, dtype=np.int64).reshape(len(xs[-1])))
+            except (TypeError, ValueError):
+                raise PyrovaeError(f"{folder / file}: its labels do not match its {len(xs[-1])} images") from None
         return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
     train_x, train_y = load([f"data_batch_{i}" for i in range(1, 6)])
@@ -150,8 +163,19 @@ def load_dataset(
     read = _read_cifar_folder if is_cifar else _read_idx_folder
     root = Path(root) if root else DEFAULT_ROOT
     places: list[tuple[str, Path]] = []
-    if data_dir:
-        places.append(("--data-dir", Path(data_dir)))
+    if data_dir is not None:  # an explicitly named place is the only place looked in
+        data_dir = Path(data_dir)
+        if not data_dir.exists():
+            raise PyrovaeError(f"--data-dir {data_dir} does not exist")
+        if not data_dir.is_dir():
+            raise PyrovaeError(f"--data-dir {data_dir} is a file, not a folder")
+        for folder in _candidates(spec, data_dir):
+            if folder.is_dir() and found(folder):
+                return read(name, folder)
+        raise PyrovaeError(
+            f"{name} not found in --data-dir {data_dir}: expected "
+            + ("the cifar-10-batches-py files" if is_cifar else "the four MNIST-format idx files, gzipped or not")
+        )
     if os.environ.get("PYROVAE_DATA"):
         places.append(("$PYROVAE_DATA", Path(os.environ["PYROVAE_DATA"])))
     places.append(("torchvision root", root))
@@ -228,9 +252,8 @@ def write_idx_folder(data: RawDataset, folder: str | Path, gz: bool = True) -> P
     for key, stem in IDX_FILES.items():
         arr = np.ascontiguousarray(arrays[key], dtype=np.uint8)
         header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(d.to_bytes(4, "big") for d in arr.shape)
-        path = folder / (stem + (".gz" if gz else ""))
-        with gzip.open(path, "wb") if gz else open(path, "wb") as f:
-            f.write(header + arr.tobytes())
+        raw = header + arr.tobytes()
+        atomic_write(folder / (stem + (".gz" if gz else "")), gzip.compress(raw, mtime=0) if gz else raw)
     return folder
 
 
@@ -390,6 +413,14 @@ def make_splits(
         val_size = default_val_size(n)
     if not 0 <= val_size < n:
         raise PyrovaeError(f"--val-size must be between 0 and {n - 1} for {n} training images, got {val_size}")
+    if train_size is not None and train_size > n:
+        warnings.warn(
+            PyrovaeWarning(
+                f"--train-size {train_size} is more than {data.name} holds: using all {n} images, "
+                f"{n - val_size} to train on and {val_size} held out for validation"
+            ),
+            stacklevel=2,
+        )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values
     if val_size == 0:

@@ -7,3 +7,7 @@ class PyrovaeError(Exception):
 
 class NonFiniteLoss(PyrovaeError):
     """The training loss became NaN or infinite."""
+
+
+class PyrovaeWarning(UserWarning):
+    """Something done differently from what was asked (and said so): the CLI prints it as one ``note:`` line."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -482,15 +483,19 @@ def evaluate_run(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise PyrovaeError(f"no run folder {run_dir}")
+    if not os.access(run_dir, os.W_OK | os.X_OK):  # found before the evaluation's minutes, not after
+        raise PyrovaeError(f"cannot write the results into {run_dir}: permission denied")
     if k < 1:
         raise PyrovaeError(f"--k must be at least 1, got {k}")
     if split not in SPLITS:
         raise PyrovaeError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if n is not None and n < 1:
         raise PyrovaeError(f"--n must be at least 1, got {n}")
+    from .files import remove_stale_temp_files
     from .runs import load_run
     from .train import write_json
 
+    remove_stale_temp_files(run_dir)  # of an evaluation or training killed mid-write
     t0 = time.perf_counter()
     cfg, splits, vae = load_run(run_dir, device)
     data = splits.test if split == "test" else splits.val
@@ -561,7 +566,7 @@ def write_netcdf(path: Path, res: PointEvaluation, labels: torch.Tensor | None, 
     """Per-point results as an ArviZ object (InferenceData or DataTree; group ``evaluation``, dims point and latent), atomically."""
     import xarray as xr
 
-    from .train import atomic_write
+    from .files import atomic_path
 
     data_vars = {
         "log_likelihood": ("point", res.log_likelihood.double().numpy()),
@@ -577,12 +582,8 @@ def write_netcdf(path: Path, res: PointEvaluation, labels: torch.Tensor | None, 
     attrs = {k: v for k, v in summary.items() if isinstance(v, int | float | str) and not isinstance(v, bool)}
     ds = xr.Dataset(data_vars, coords={"point": np.arange(len(res.log_likelihood))}, attrs=attrs)
     idata = make_idata(evaluation=ds)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:  # a fresh temporary name: a planted symlink cannot redirect the write
         idata.to_netcdf(str(tmp))
-        atomic_write(path, lambda f: f.write(tmp.read_bytes()))
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _fmt(v: Any, spec: str = ".2f") -> str:

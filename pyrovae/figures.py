@@ -8,14 +8,24 @@ PNG and returns its path.
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from torchvision.utils import save_image
+from torchvision.utils import save_image as _torchvision_save_image
 
+from .files import atomic_write, save_figure
 from .models import VAE
+
+
+def save_image(imgs: torch.Tensor, path: str | Path, **kwargs) -> Path:
+    """``torchvision.utils.save_image`` as PNG through the atomic writer (never following a planted symlink)."""
+    buf = io.BytesIO()
+    _torchvision_save_image(imgs, buf, format="png", **kwargs)
+    atomic_write(path, buf.getvalue())
+    return Path(path)
 
 
 def prior_samples(vae: VAE, like: torch.Tensor, path: Path, n: int = 64) -> Path:
@@ -73,8 +83,7 @@ def latent_scatter(z_mean: torch.Tensor, labels: torch.Tensor | None, path: Path
     ax.set_xlabel("z1" if z_mean.shape[1] <= 2 else "PC1")
     ax.set_ylabel("z2" if z_mean.shape[1] <= 2 else "PC2")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def training_curves(metrics_csv: Path, path: Path) -> Path | None:
@@ -96,8 +105,7 @@ def training_curves(metrics_csv: Path, path: Path) -> Path | None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def khat_plot(khat: np.ndarray, path: Path) -> Path | None:
@@ -115,8 +123,7 @@ def khat_plot(khat: np.ndarray, path: Path) -> Path | None:
     ax.set_ylabel("images")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def make_figures(

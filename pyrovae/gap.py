@@ -318,7 +318,7 @@ def write_posterior(path: Path, idata, res: GapResult, points: int, attrs: dict[
     """The NUTS draws plus a ``variational`` group (q and q* loc/scale of the same points), as netCDF, atomically."""
     import xarray as xr
 
-    from .train import atomic_write
+    from .files import atomic_path
 
     dims = ("point", "latent")
     ds = xr.Dataset(
@@ -332,12 +332,8 @@ def write_posterior(path: Path, idata, res: GapResult, points: int, attrs: dict[
         attrs={k: v for k, v in attrs.items() if isinstance(v, int | float | str) and not isinstance(v, bool)},
     )
     out = make_idata(posterior=group(idata, "posterior"), sample_stats=group(idata, "sample_stats"), variational=ds)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:  # a fresh temporary name: a planted symlink cannot redirect the write
         out.to_netcdf(str(tmp))
-        atomic_write(path, lambda f: f.write(tmp.read_bytes()))
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------ run folder
@@ -498,7 +494,7 @@ def _markdown(s: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------ CLI
 def register_cli(sub: argparse._SubParsersAction) -> None:
     """Add ``pyrovae gap``."""
-    from .cli import _count, _positive_float, _positive_int
+    from .cli import _count, _positive_float, _positive_int, _seed
 
     g = sub.add_parser(
         "gap",
@@ -520,7 +516,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--jit", action="store_true", help="JIT-trace the NUTS potential (about 2x faster)")
     g.add_argument("--split", choices=["test", "val"], default="test", help="which split (default test)")
     g.add_argument("--memory-mb", type=_positive_float, default=1024.0, help="memory bound per call (default 1024)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=_seed, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     g.set_defaults(func=cmd_gap)

@@ -19,6 +19,7 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -272,7 +273,7 @@ def baseline_log_likelihood(
 
 def completion_grid(x: torch.Tensor, mask: torch.Tensor, completions: torch.Tensor, path: Path) -> Path:
     """One row per image: the input with its hole (missing pixels coloured), the completions, the truth."""
-    from torchvision.utils import save_image
+    from .figures import save_image
 
     def rgb(t: torch.Tensor) -> torch.Tensor:
         return t.clamp(0, 1).expand(*t.shape[:-3], 3, *t.shape[-2:]) if t.shape[-3] == 1 else t.clamp(0, 1)
@@ -299,7 +300,14 @@ def build_masked_model(cfg: dict[str, Any], splits: Splits) -> MaskedVAE:
     return vae
 
 
-def train_masked(cfg: dict[str, Any], out: str | Path, *, resume: bool = False, quiet: bool = False):
+def train_masked(
+    cfg: dict[str, Any],
+    out: str | Path,
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    on_first_checkpoint: Callable[[], None] | None = None,
+):
     """Train (or resume) the masked VAE a config describes (``mask``, ``mask_rate`` on top of ``runs.DEFAULTS``)
     into ``out``; returns (splits, vae, FitResult)."""
     from .runs import fit_from_config, load_splits, resolve_device
@@ -310,7 +318,19 @@ def train_masked(cfg: dict[str, Any], out: str | Path, *, resume: bool = False, 
     vae = build_masked_model(cfg, splits)
     train = MaskedImageData(splits.train, cfg["mask"], cfg["mask_rate"])
     val = MaskedImageData(splits.val, cfg["mask"], cfg["mask_rate"], fixed_seed=cfg["seed"] + 11)
-    result = fit_from_config(cfg, vae, splits, train, val, out, resume=resume, quiet=quiet, record={"masked": True})
+    record = {"masked": True}
+    result = fit_from_config(
+        cfg,
+        vae,
+        splits,
+        train,
+        val,
+        out,
+        resume=resume,
+        quiet=quiet,
+        record=record,
+        on_first_checkpoint=on_first_checkpoint,
+    )
     return splits, vae, result
 
 
@@ -447,7 +467,7 @@ def _rate(text: str) -> float:
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
     """Add ``pyrovae train-masked`` and ``pyrovae complete``."""
-    from .cli import _hidden, _positive_float, _positive_int, add_data_options
+    from .cli import _hidden, _positive_float, _positive_int, _seed, add_data_options
     from .infer import ESTIMATORS
     from .likelihoods import LIKELIHOODS
 
@@ -478,7 +498,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--lr", type=_positive_float, help="Adam learning rate (default 1e-3)")
     g.add_argument("--clip-norm", type=_positive_float, help="clip the gradient's global norm to this")
     g.add_argument("--device", help="auto, cpu or cuda (default auto)")
-    g.add_argument("--seed", type=int, help="seed (default 0)")
+    g.add_argument("--seed", type=_seed, help="seed (default 0)")
     g.add_argument("--out", default="runs/masked", help="run folder (default runs/masked)")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -499,14 +519,22 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--show", type=int, default=8, help="images in completions.png (default 8; 0: no figure)")
     c.add_argument("--completions", type=_positive_int, default=5, help="draws per image in the figure (default 5)")
     c.add_argument("--memory-mb", type=_positive_float, default=1024.0, help="memory bound per call (default 1024)")
-    c.add_argument("--seed", type=int, default=0, help="seed of the masks and draws (default 0)")
+    c.add_argument("--seed", type=_seed, default=0, help="seed of the masks and draws (default 0)")
     c.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     c.add_argument("--quiet", action="store_true", help="no summary line")
     c.set_defaults(func=cmd_complete)
 
 
 def cmd_train_masked(args: argparse.Namespace) -> int:
-    from .cli import check_run_folder, train_config
+    from .cli import check_run_folder
+    from .files import RunLock
+
+    with RunLock(check_run_folder(args)):  # checked before the lock makes the folder, and again inside it
+        return _train_masked_locked(args)
+
+
+def _train_masked_locked(args: argparse.Namespace) -> int:
+    from .cli import check_run_folder, remove_derived, train_config
 
     out = check_run_folder(args)
     cfg = train_config(args)  # on --resume: the saved run's, refusing changed options
@@ -523,10 +551,9 @@ def cmd_train_masked(args: argparse.Namespace) -> int:
         cfg = {**cfg, "mask": args.mask or "mix", "mask_rate": 0.5 if args.rate is None else args.rate}
     if cfg["elbo"] == "renyi" and cfg["alpha"] is None:
         raise PyrovaeError("--elbo renyi needs --alpha (e.g. 0.5)")
-    if args.overwrite:
-        for name in ("checkpoint.pt", "metrics.csv", "config.json"):
-            (out / name).unlink(missing_ok=True)
-    _, _, result = train_masked(cfg, out, resume=args.resume, quiet=args.quiet)
+    # the old run (with --overwrite) is replaced only once the new one has written its first checkpoint
+    replaced = (lambda: remove_derived(out)) if args.overwrite else None
+    _, _, result = train_masked(cfg, out, resume=args.resume, quiet=args.quiet, on_first_checkpoint=replaced)
     if result.interrupted:
         print(
             f"interrupted: checkpoint saved in {out}; continue with: pyrovae train-masked --out {out} --resume",

@@ -1,13 +1,17 @@
 """A run folder: rebuild data and model from ``config.json``, and load trained parameters.
 
-A run's config is a flat dict of the ``pyrovae train`` options (see :data:`DEFAULTS`); everything
-needed to rebuild the run lives there, so ``evaluate`` and ``--resume`` need nothing else.
+A run's config is a flat dict of the ``pyrovae train`` options (see :data:`DEFAULTS`) plus
+``config_version``; everything needed to rebuild the run lives there, so ``evaluate`` and ``--resume``
+need nothing else. A saved config must be complete and well typed: nothing is filled from today's defaults.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
+import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +55,40 @@ DEFAULTS: dict[str, Any] = {
     "autocast": None,
 }
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+CONFIG_VERSION = 1  # bump when a field is added, renamed or changes meaning
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+_STR, _BOOL, _INT, _NUM = (str,), (bool,), (int,), (int, float)
+# each field: accepted types, whether null is allowed, and a check of the value (None: any)
+CONFIG_FIELDS: dict[str, tuple[tuple[type, ...], bool, Any]] = {
+    "dataset": (_STR, False, None),
+    "data_dir": (_STR, True, None),
+    "root": (_STR, True, None),
+    "download": (_BOOL, False, None),
+    "likelihood": (_STR, False, None),
+    "sigma": (_NUM, True, lambda v: v > 0),
+    "allow_nonbinary": (_BOOL, False, None),
+    "binarize": (_STR, False, None),
+    "dequantize": (_BOOL, False, None),
+    "arch": (_STR, False, None),
+    "z_dim": (_INT, True, lambda v: v >= 1),
+    "hidden": (_STR, True, lambda v: re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", v) is not None),
+    "activation": (_STR, True, None),
+    "elbo": (_STR, False, None),
+    "particles": (_INT, True, lambda v: v >= 1),
+    "alpha": (_NUM, True, None),
+    "epochs": (_INT, False, lambda v: v >= 1),
+    "batch_size": (_INT, False, lambda v: v >= 1),
+    "lr": (_NUM, False, lambda v: v > 0),
+    "clip_norm": (_NUM, True, lambda v: v > 0),
+    "lr_schedule": (_STR, False, None),
+    "lr_gamma": (_NUM, False, lambda v: v > 0),
+    "warmup_epochs": (_NUM, False, lambda v: v >= 0),
+    "val_size": (_INT, True, lambda v: v >= 0),  # null: data.default_val_size
+    "train_size": (_INT, True, lambda v: v >= 2),
+    "device": (_STR, False, None),
+    "seed": (_INT, False, lambda v: 0 <= v <= MAX_SEED),
+    "autocast": (_STR, True, None),
+}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -112,23 +150,71 @@ def build_model(cfg: dict[str, Any], splits: Splits) -> VAE:
     return vae
 
 
+def check_config(cfg: Any, where: str = "the config") -> dict[str, Any]:
+    """Refuse a run config with a missing or wrongly typed field (one line naming it); returns ``cfg``."""
+    if not isinstance(cfg, dict):
+        raise PyrovaeError(f"{where} is not a run config: it holds a JSON {type(cfg).__name__}, not an object")
+    for key, (types, nullable, valid) in CONFIG_FIELDS.items():
+        if key not in cfg:
+            raise PyrovaeError(f"{where} lacks the field {key!r}: a run's config must be complete")
+        value = cfg[key]
+        if value is None and nullable:
+            continue
+        typed = isinstance(value, types) and (bool in types or not isinstance(value, bool))
+        if not typed or (valid is not None and not valid(value)):
+            expected = "/".join(t.__name__ for t in types) + (" or null" if nullable else "")
+            raise PyrovaeError(f"{where}: field {key!r} is {value!r}, expected a valid {expected}")
+    return cfg
+
+
 def read_config(run_dir: str | Path) -> dict[str, Any]:
+    """A run folder's ``config.json``, checked: complete, of this ``config_version``, and well typed."""
     path = Path(run_dir) / "config.json"
+    if Path(run_dir).is_dir() and not os.access(run_dir, os.R_OK | os.X_OK):
+        raise PyrovaeError(f"cannot read the run folder {run_dir}: permission denied")
     if not path.is_file():
         raise PyrovaeError(f"{run_dir} is not a run folder: no config.json (make one with 'pyrovae train --out')")
     try:
-        return {**DEFAULTS, **json.loads(path.read_text())}
+        cfg = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise PyrovaeError(f"{path} is not valid JSON: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PyrovaeError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if isinstance(cfg, dict) and cfg.get("config_version") != CONFIG_VERSION:
+        found = cfg.get("config_version", "none")
+        raise PyrovaeError(
+            f"{path} has config_version {found!r}; this pyrovae reads version {CONFIG_VERSION} (retrain the run)"
+        )
+    return check_config(cfg, str(path))
 
 
-def train_vae(cfg: dict[str, Any], out: str | Path, *, resume: bool = False, quiet: bool = False):
-    """Train (or resume) the VAE a config describes into run folder ``out``; returns (splits, vae, FitResult)."""
+def train_vae(
+    cfg: dict[str, Any],
+    out: str | Path,
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    on_first_checkpoint: Callable[[], None] | None = None,
+):
+    """Train (or resume) the VAE a config describes into run folder ``out``; returns (splits, vae, FitResult).
+
+    ``out`` is left as it was until the first checkpoint is written; ``on_first_checkpoint`` runs then."""
+    check_config(cfg)
     device = resolve_device(cfg["device"])
     pyro.set_rng_seed(cfg["seed"])
     splits = load_splits(cfg, device)
     vae = build_model(cfg, splits)
-    result = fit_from_config(cfg, vae, splits, splits.train, splits.val, out, resume=resume, quiet=quiet)
+    result = fit_from_config(
+        cfg,
+        vae,
+        splits,
+        splits.train,
+        splits.val,
+        out,
+        resume=resume,
+        quiet=quiet,
+        on_first_checkpoint=on_first_checkpoint,
+    )
     return splits, vae, result
 
 
@@ -143,6 +229,7 @@ def fit_from_config(
     resume: bool = False,
     quiet: bool = False,
     record: dict[str, Any] | None = None,
+    on_first_checkpoint: Callable[[], None] | None = None,
 ):
     """``fit`` with the optimisation settings of a run config; writes the config (plus data facts) with the run."""
     from . import __version__
@@ -150,7 +237,7 @@ def fit_from_config(
 
     if cfg["elbo"] == "renyi" and cfg["alpha"] is None:
         raise PyrovaeError("--elbo renyi needs --alpha (e.g. 0.5)")
-    versions = {"pyrovae": __version__, "pyro": pyro.__version__, "torch": torch.__version__}
+    versions = {"pyrovae": __version__, "pyro": pyro.__version__, "torch": str(torch.__version__)}
     facts = {"data_source": splits.source, "n_train": len(splits.train), "n_val": len(val), **(record or {})}
     return fit(
         vae.model,
@@ -170,29 +257,33 @@ def fit_from_config(
         out=out,
         resume=resume,
         seed=None if resume else cfg["seed"],
-        config={**cfg, **facts, "versions": {**versions, "python": platform.python_version()}},
+        config={
+            **cfg,
+            **facts,
+            "config_version": CONFIG_VERSION,
+            "versions": {**versions, "python": platform.python_version()},
+        },
         quiet=quiet,
+        on_first_checkpoint=on_first_checkpoint,
     )
 
 
 def load_module_params(module: torch.nn.Module, name: str, run_dir: str | Path, device: torch.device) -> dict:
     """Copy parameters trained in a run folder into ``module``: those of ``pyro.module(name, module)`` and of
     ``pyro.module(f"{name}.{child}", module.child)`` alike."""
-    from .train import load_checkpoint
+    from .train import check_params, load_training_checkpoint
 
     ckpt = Path(run_dir) / "checkpoint.pt"
     if not ckpt.is_file():
         raise PyrovaeError(f"{run_dir} has no checkpoint.pt: train it first")
-    state = load_checkpoint(ckpt, map_location=device)
+    state = load_training_checkpoint(ckpt, map_location=device)
     own = dict(module.named_parameters())
     saved = {}
     for key, value in state["params"].items():  # "vae.decoder$$$net.0.weight" -> "decoder.net.0.weight"
         owner, _, param = key.partition("$$$")
         if owner == name or owner.startswith(name + "."):
             saved[".".join(filter(None, [owner[len(name) + 1 :], param]))] = value
-    missing = sorted(set(own) - set(saved))
-    if missing:
-        raise PyrovaeError(f"{ckpt} does not match this model: it has no {missing[0]}")
+    check_params(ckpt, saved, own)
     with torch.no_grad():
         for key, p in own.items():
             p.copy_(saved[key])

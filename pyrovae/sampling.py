@@ -344,6 +344,8 @@ def compare_figure(blocks: dict[str, torch.Tensor], path: Path, per_block: int =
     from matplotlib.figure import Figure
     from torchvision.utils import make_grid
 
+    from .files import save_figure
+
     nrow = int(round(per_block**0.5))
     fig = Figure(figsize=(4 * len(blocks), 4.4))
     axes = fig.subplots(1, len(blocks), squeeze=False)[0]
@@ -353,8 +355,7 @@ def compare_figure(blocks: dict[str, torch.Tensor], path: Path, per_block: int =
         ax.set_title(title, fontsize=11)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return Path(path)
+    return save_figure(fig, path, dpi=120)
 
 
 # --------------------------------------------------------------------------------------- run folder
@@ -575,7 +576,7 @@ def _markdown(s: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------ CLI
 def register_cli(sub: argparse._SubParsersAction) -> None:
     """Add ``pyrovae samples`` to the CLI's subparsers."""
-    from .cli import _hidden, _positive_int
+    from .cli import _hidden, _positive_int, _seed
 
     p = sub.add_parser(
         "samples",
@@ -600,7 +601,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--k", type=_positive_int, default=100, help="importance samples for the referee's log p(x) (default 100)"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--out", help="output folder (default RUN_DIR)")
     p.add_argument("--allow-other-likelihood", action="store_true", help="run on a decoder other than gaussian-learned")

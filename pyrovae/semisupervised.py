@@ -395,7 +395,7 @@ def run_semisupervised(
     out.mkdir(parents=True, exist_ok=True)
     pyro.set_rng_seed(seed + 1)
     grid = m2.sample_per_class(10, x_test).clamp(0, 1).cpu()
-    from torchvision.utils import save_image
+    from .figures import save_image
 
     save_image(grid, out / "samples_per_class.png", nrow=10, padding=1, pad_value=1.0)
     summary: dict[str, Any] = {
@@ -476,7 +476,7 @@ def _markdown(s: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------ CLI
 def register_cli(sub: argparse._SubParsersAction) -> None:
     """Add ``pyrovae semisupervised`` to the CLI's subparsers."""
-    from .cli import _hidden, _positive_float, _positive_int
+    from .cli import _hidden, _positive_float, _positive_int, _seed
     from .data import BINARIZE, DATASETS
     from .likelihoods import LIKELIHOODS
 
@@ -505,7 +505,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--binarize", choices=BINARIZE, default="dynamic", help="pixel handling (default dynamic)")
     p.add_argument("--hidden", type=_hidden, default="500", help="hidden sizes of all three MLPs (default 500)")
     p.add_argument("--z-dim", type=_positive_int, default=50, help="latent dimension (default 50)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--out", default="runs/ssl", help="output folder (default runs/ssl)")
     p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")

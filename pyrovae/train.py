@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
-import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +37,7 @@ from tqdm.auto import tqdm
 from . import distributed as ddp
 from .data import Dataset, TensorData
 from .errors import NonFiniteLoss, PyrovaeError
+from .files import atomic_write, load_weights, remove_stale_temp_files, write_json
 from .hostmem import keep_freed_memory
 from .infer import LatentScale, MeanField, make_elbo, warmup_beta
 from .models import parameters_collected
@@ -55,7 +53,7 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     epochs_done: int = 0
     interrupted: bool = False
-    checkpoint: Path | None = None
+    checkpoint: Path | None = None  # None when interrupted before the first step (nothing saved)
     data_parallel: str = ""  # "ddp" or "all-reduce" when several processes trained together
 
     @property
@@ -64,39 +62,47 @@ class FitResult:
 
 
 # ------------------------------------------------------------------------------------ file helpers
-def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write a file through a temporary file in the same folder, then rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, default=str) + "\n").encode()))
-
-
 def write_metrics(path: Path, history: list[dict[str, float]]) -> None:
+    """``metrics.csv``: one row per epoch of ``history``, atomically."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
-    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+    atomic_write(path, buf.getvalue().encode())
 
 
 def load_checkpoint(path: Path, map_location: torch.device | str | None = None) -> dict:
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:
-        raise PyrovaeError(f"cannot read checkpoint {path}: {exc}".splitlines()[0]) from None
+    """A checkpoint's contents, loaded without running any code it might hold (see :func:`load_weights`)."""
+    state = load_weights(path, map_location=map_location)
+    if not isinstance(state, dict):
+        raise PyrovaeError(f"{path} is not a pyrovae checkpoint: it holds a {type(state).__name__}, not a dict")
+    return state
+
+
+CHECKPOINT_KEYS = ("epoch", "batch", "perm", "partial", "params", "optimizer", "history")
+
+
+def load_training_checkpoint(path: Path, map_location: torch.device | str | None = None) -> dict:
+    """A checkpoint written by :func:`fit`, with its keys checked (a one-line error when one is missing)."""
+    state = load_checkpoint(path, map_location)
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    if missing or not isinstance(state["params"], dict):
+        raise PyrovaeError(f"{path} is not a pyrovae training checkpoint: it has no {(missing or ['params'])[0]!r}")
+    return state
+
+
+def check_params(path: Path, saved: dict[str, Any], own: dict[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint whose parameters do not match a model's, by name and by shape."""
+    for name, p in own.items():
+        value = saved.get(name)
+        if value is None:
+            raise PyrovaeError(f"checkpoint {path} does not match this model: it has no {name}")
+        if not isinstance(value, torch.Tensor) or value.shape != p.shape:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise PyrovaeError(
+                f"checkpoint {path} does not match this model: {name} is {shape} there, {tuple(p.shape)} here "
+                "(another architecture)"
+            )
 
 
 def _rng_state() -> dict:
@@ -155,14 +161,16 @@ def _as_args(batch: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tens
 
 # ------------------------------------------------------------------------------------------ trainer
 class _StopFlag:
-    """Set by SIGINT (Ctrl-C) so that training stops between two steps, never inside one.
+    """Set by SIGINT (Ctrl-C) or SIGTERM (a scheduler's stop) so that training stops between two steps.
 
-    With ``sigterm`` also by SIGTERM: torchrun turns a Ctrl-C into a SIGTERM to its workers.
+    A second signal stops at once, except while a checkpoint is being written (``saving``): that write
+    always finishes.
     """
 
-    def __init__(self, sigterm: bool = False) -> None:
+    def __init__(self) -> None:
         self.set = False
-        self._signals = (signal.SIGINT, signal.SIGTERM) if sigterm else (signal.SIGINT,)
+        self.saving = False
+        self._signals = (signal.SIGINT, signal.SIGTERM)
         self._previous: dict = {}
 
     def __enter__(self) -> _StopFlag:
@@ -171,7 +179,7 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.set:  # a second Ctrl-C: stop at once
+        if self.set and not self.saving:  # a second Ctrl-C: stop at once
             raise KeyboardInterrupt
         self.set = True
 
@@ -220,13 +228,16 @@ def fit(
     max_steps: int | None = None,
     validate: bool = False,
     callback: Callable[[dict[str, float]], None] | None = None,
+    on_first_checkpoint: Callable[[], None] | None = None,
 ) -> FitResult:
     """Train ``model``/``guide`` (any Pyro programs) on ``data`` by maximising an ELBO.
 
     Every epoch: a permutation of the data on its device, minibatches of ``batch_size``, one Adam
     step each; then the mean train ELBO and the validation ELBO (nats per datapoint). With ``out``:
-    ``metrics.csv``, ``config.json`` and an atomic ``checkpoint.pt`` each epoch, and ``resume``
-    continues from it. The param store is cleared first so that stale parameters cannot leak in.
+    an atomic ``checkpoint.pt`` each epoch, then ``metrics.csv`` from it (and ``config.json`` with the first
+    one, after which ``on_first_checkpoint`` runs); nothing in ``out`` changes before that first checkpoint.
+    ``resume`` continues from the checkpoint (``epochs`` must exceed those done).
+    The param store is cleared first so that stale parameters cannot leak in.
     ``max_steps`` stops (checkpoint saved, as on Ctrl-C) after that many steps of this call.
     Pyro's validation (shapes, supports) checks the first step; ``validate`` keeps it on for all.
     On a CPU the process keeps freed memory for the next step (:func:`pyrovae.hostmem.keep_freed_memory`).
@@ -284,18 +295,24 @@ def fit(
     start_epoch, start_batch, saved_perm, partial = 0, 0, None, 0.0
     perm_seed, saved_world = seed, w.size
     if resume:
-        state = load_checkpoint(ckpt_path, map_location=device)
-        missing = [name for name in names if name not in state["params"]]
-        if missing:
-            raise PyrovaeError(f"checkpoint {ckpt_path} does not match this model: no {missing[0]}")
+        state = load_training_checkpoint(ckpt_path, map_location=device)
+        start_epoch, start_batch = state["epoch"], state["batch"]
+        if epochs <= start_epoch:
+            raise PyrovaeError(
+                f"{out} has already trained {start_epoch} epochs; to continue it, ask for more "
+                f"(--epochs {start_epoch + 1} or above), not {epochs}"
+            )
+        check_params(ckpt_path, state["params"], dict(zip(names, params)))
         with torch.no_grad():
             for name, p in zip(names, params):
                 p.copy_(state["params"][name])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler"):
-            scheduler.load_state_dict(state["scheduler"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None and state.get("scheduler"):
+                scheduler.load_state_dict(state["scheduler"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PyrovaeError(f"checkpoint {ckpt_path} does not match this model's optimiser: {exc}") from None
         history = state["history"]
-        start_epoch, start_batch = state["epoch"], state["batch"]
         saved_perm, partial = state["perm"], (state["partial"] if w.rank == 0 else 0.0)  # rank 0 holds the sum
         perm_seed, saved_world = state.get("perm_seed"), state.get("world_size", 1)
         if start_batch and saved_world != w.size:
@@ -309,12 +326,23 @@ def fit(
             pyro.set_rng_seed(ddp.mix_seed(perm_seed, w.rank, start_epoch))
     if out is not None and w.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        if config is not None:
-            write_json(out / "config.json", config)
+        remove_stale_temp_files(out)  # of writers killed mid-write
+        if resume:  # metrics.csv follows the checkpoint, even if a kill left it one epoch behind
+            write_metrics(out / "metrics.csv", history)
+    saves = 0
 
     def save(epoch: int, batch: int, perm: torch.Tensor | None, partial_total: float) -> None:
+        nonlocal saves
         if ckpt_path is None:
             return
+        stop.saving = True  # a second Ctrl-C now must not cut the write
+        try:
+            _save(epoch, batch, perm, partial_total)
+        finally:
+            stop.saving = False
+        saves += 1
+
+    def _save(epoch: int, batch: int, perm: torch.Tensor | None, partial_total: float) -> None:
         rng = _rng_state() if w.size == 1 else ddp.gather_to_first(_rng_state())  # every rank's: exact resume
         if w.size > 1:
             partial_total = float(ddp.all_sum(partial_total))
@@ -336,7 +364,11 @@ def fit(
             "config": config,
         }
         atomic_write(ckpt_path, lambda f: torch.save(state, f))
+        if saves == 0 and config is not None:
+            write_json(out / "config.json", config)
         write_metrics(out / "metrics.csv", history)
+        if saves == 0 and on_first_checkpoint is not None:
+            on_first_checkpoint()
 
     result = FitResult(history=history, checkpoint=ckpt_path, data_parallel=mode)
     batches_per_epoch = ddp.steps_per_epoch(n, batch_size, w.size)
@@ -350,7 +382,7 @@ def fit(
         dynamic_ncols=True,
     )
     hot = parameters_collected() if differentiable else nullcontext()  # loss_and_grads needs param sites
-    with _StopFlag(sigterm=w.size > 1) as stop, bar, pyro.validation_enabled(validate), hot:
+    with _StopFlag() as stop, bar, pyro.validation_enabled(validate), hot:
         for epoch in range(start_epoch, epochs):
             beta = warmup_beta(epoch, warmup_epochs)
             t0 = time.perf_counter()
@@ -374,8 +406,11 @@ def fit(
                     if bad >= 0:
                         raise _nonfinite(epoch, bad, ckpt_path)
                 if halt or (max_steps is not None and steps >= max_steps):
-                    save(epoch, b, perm, float(total) + host_total)
                     result.interrupted = True
+                    if halt and steps == 0 and not resume:  # stopped before any step: nothing to save, nothing replaced
+                        result.checkpoint = None
+                        return result
+                    save(epoch, b, perm, float(total) + host_total)
                     return result
                 idx = ddp.shard(perm, b, batch_size, w)
                 optimizer.zero_grad(set_to_none=True)

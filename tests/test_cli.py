@@ -55,7 +55,7 @@ def test_idx_folder_through_the_cli(tmp_path):
         (["train", "--epochs", "0"], "expected a positive integer, got '0'"),
         (["train", "--elbo", "nope"], "invalid choice: 'nope'"),
         (["train", "--lr", "-1"], "expected a positive number"),
-        (["train", "--dataset", "mnist", "--data-dir", "/nonexistent/x"], "mnist not found; looked in /nonexistent/x"),
+        (["train", "--dataset", "mnist", "--data-dir", "/nonexistent/x"], "--data-dir /nonexistent/x does not exist"),
         (["train", *SMALL, "--binarize", "none"], "needs binary pixels"),
         (["train", *SMALL, "--binarize", "fixed", "--dequantize"], "dequantisation applies to continuous pixels only"),
         (["train", *SMALL, "--elbo", "renyi"], "needs --alpha"),

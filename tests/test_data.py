@@ -43,11 +43,14 @@ def test_lookup_order_data_dir_then_env_then_root(tmp_path, monkeypatch):
 def test_missing_data_names_every_place_and_how_to_supply_it(tmp_path, monkeypatch):
     monkeypatch.setenv("PYROVAE_DATA", str(tmp_path / "env"))
     with pytest.raises(PyrovaeError) as err:
-        load_dataset("mnist", data_dir=tmp_path / "dd", root=tmp_path / "root")
+        load_dataset("mnist", root=tmp_path / "root")
     msg = str(err.value)
     assert "\n" not in msg
-    for place in ("dd", "env", "root", "/usr/share/datasets/mnist", "--data-dir", "PYROVAE_DATA", "--download"):
+    for place in ("env", "root", "/usr/share/datasets/mnist", "--data-dir", "PYROVAE_DATA", "--download"):
         assert place in msg
+    (tmp_path / "dd").mkdir()  # an explicit --data-dir is the only place looked in
+    with pytest.raises(PyrovaeError, match=r"mnist not found in --data-dir .*dd: expected the four MNIST"):
+        load_dataset("mnist", data_dir=tmp_path / "dd", root=tmp_path / "root")
     with pytest.raises(PyrovaeError, match="unknown dataset 'svhn'"):
         load_dataset("svhn")
 
@@ -67,7 +70,10 @@ def test_cifar_batches_are_read_from_a_torchvision_root(tmp_path, monkeypatch):
     folder.mkdir()
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, 20))}
+        batch = {
+            b"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8),
+            b"labels": [int(v) for v in rng.integers(0, 10, 20)],
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
     got = load_dataset("cifar10", root=tmp_path)
@@ -112,7 +118,9 @@ def test_default_validation_split_is_a_tenth_capped_at_5000():
     raw = synthetic(n_train=300, n_test=10, shape=(1, 4, 4), seed=0)
     assert len(make_splits(raw, Pixels("fixed"), train_size=120).val) == 12
     assert len(make_splits(raw, Pixels("fixed")).val) == 30
-    big = dataclasses.replace(raw, train_x=torch.zeros(60000, 1, 2, 2, dtype=torch.uint8), train_y=torch.zeros(60000, dtype=torch.long))
+    big = dataclasses.replace(
+        raw, train_x=torch.zeros(60000, 1, 2, 2, dtype=torch.uint8), train_y=torch.zeros(60000, dtype=torch.long)
+    )
     assert [default_val_size(n) for n in (3000, 49999, 50000, 60000)] == [300, 4999, 5000, 5000]
     assert len(make_splits(big, Pixels("fixed")).val) == 5000
 

@@ -145,7 +145,7 @@ def test_semisupervised_cli_writes_its_files(tmp_path):
     [
         (["--labels", "15"], "multiple of the 10 classes"),
         (["--labels", "0"], "expected a positive integer"),
-        (["--dataset", "mnist", "--data-dir", "/nonexistent/x"], "mnist not found"),
+        (["--dataset", "mnist", "--data-dir", "/nonexistent/x"], "--data-dir /nonexistent/x does not exist"),
     ],
 )
 def test_semisupervised_cli_bad_input_gives_one_line_and_exit_2(tmp_path, extra, message):
