@@ -141,9 +141,9 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     # -- the same evaluation code for both
     pyro.set_rng_seed(args.seed)
     t0 = time.perf_counter()
-    vae_eval = evaluate_points(vae.model, vae.guide, x_test, args.k, memory_mb=args.memory_mb, progress=not args.quiet)
+    vae_eval = evaluate_points(vae.model, vae.guide, x_test, num_samples=args.k, memory_mb=args.memory_mb, progress=not args.quiet)
     vae_eval_seconds = time.perf_counter() - t0
-    gmm_lp = log_likelihood(gmm.model, gmm.guide, x_test, 1, memory_mb=args.memory_mb).cpu()
+    gmm_lp = log_likelihood(gmm.model, gmm.guide, x_test, num_samples=1, memory_mb=args.memory_mb).cpu()
     exact = gmm.log_prob(x_test).cpu()
     if not torch.allclose(gmm_lp, exact, rtol=1e-4, atol=1e-2):
         raise PyrovaeError("internal check failed: the mixture's importance-sampled and exact log p(x) differ")

@@ -141,7 +141,7 @@ def score_proposal(
     (their mean), its Monte Carlo standard error sd(log w)/√K, and the weights' Pareto k̂."""
     model, guide = _packed_pair(vae, tuple(x.shape[1:]))
     packed = torch.cat([x.flatten(1), loc, scale], dim=1)
-    log_p, lw = log_likelihood(model, guide, packed, k, memory_mb=memory_mb, return_log_weights=True)
+    log_p, lw = log_likelihood(model, guide, packed, num_samples=k, memory_mb=memory_mb, return_log_weights=True)
     lw = lw.double()
     return {
         "log_p": log_p.cpu(),
