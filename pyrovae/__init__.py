@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .compare import Fitted, compare  # noqa: E402  (the function shadows the submodule's attribute name)
 from .data import ImageData, Pixels, TensorData, load_dataset, make_splits, synthetic  # noqa: E402
 from .errors import PyrovaeError  # noqa: E402
 from .evaluate import PointEvaluation, evaluate_points, evaluate_run, log_likelihood, pareto_khat  # noqa: E402
@@ -16,6 +17,7 @@ __all__ = [
     "ESTIMATORS",
     "LIKELIHOODS",
     "FitResult",
+    "Fitted",
     "PointEvaluation",
     "GMM",
     "ImageData",
@@ -25,6 +27,7 @@ __all__ = [
     "TensorData",
     "VAE",
     "build_vae",
+    "compare",
     "evaluate_elbo",
     "evaluate_points",
     "evaluate_run",

@@ -48,3 +48,23 @@ def test_inference_gap_example():
     # the two gaps split log p-hat - L[q] exactly, by construction
     total = out["approximation_gap"] + out["amortization_gap"]
     assert abs(total - (out["log_likelihood"] - out["elbo_q"])) < 1e-3
+
+
+QUICK_COMPARE = ["--dataset", "synthetic", "--epochs", "1", "--train-size", "400", "--k", "10", "--n", "50"]
+
+
+def _check_comparison(summary: dict, mine: str, out) -> None:
+    """The user's program sits in the same report as the mixture, scored by the same code."""
+    rows = summary["models"]
+    assert mine in rows and rows["gmm"]["likelihood_kind"] == "exact"
+    assert rows[mine]["likelihood_kind"] == "importance-sampled, K=10"
+    assert rows[mine]["log_likelihood"] >= rows[mine]["elbo"]  # log p-hat >= the ELBO over the same draws
+    for row in rows.values():
+        assert -600 < row["log_likelihood"] < 0 and row["clustering"] is not None
+    assert (out / "compare.json").exists() and rows[mine]["model"] in (out / "compare.md").read_text()
+
+
+def test_tutorial_vae_example_is_compared_with_the_gmm(tmp_path):
+    summary = load("tutorial_vae").main([*QUICK_COMPARE, "--gmm-k", "4", "--out", str(tmp_path)])
+    assert set(summary["models"]) == {"tutorial", "vae", "gmm"}
+    _check_comparison(summary, "tutorial", tmp_path)
