@@ -156,9 +156,9 @@ def compare(
     rows: dict[str, dict[str, Any]] = {}
     for name, f in fitted.items():
         t0 = time.perf_counter()
-        exact = not _has_latents(f.guide, x)
+        exact = not _has_latents(f.guide, x, *f.args)
         res = evaluate_points(
-            f.model, f.guide, x, num_samples=1 if exact else k, memory_mb=memory_mb, progress=progress
+            f.model, f.guide, x, *f.args, num_samples=1 if exact else k, memory_mb=memory_mb, progress=progress
         )
         log_p = res.log_likelihood.double()
         if exact and callable(getattr(f.owner, "log_prob", None)):
