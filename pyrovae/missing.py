@@ -19,6 +19,7 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from torch import nn
 
 from .data import ImageData, Splits
 from .errors import PyrovaeError
+from .evaluate import log_likelihood
 from .likelihoods import Likelihood
 from .models import data_plate, register, vae_parts
 from .nets import ACTIVATIONS, PRESETS, Arch
@@ -156,6 +158,19 @@ def build_masked_vae(
 
 
 # ----------------------------------------------------------------------------------------- completion
+def conditioned(vae: MaskedVAE) -> tuple[Callable, Callable]:
+    """The masked VAE as a program of ``(x, mask, observed)``: the model conditions on the pixels in ``observed``,
+    the guide sees x through ``mask``. With ``observed = mask``, log p(x_obs); with all pixels, log p(x)."""
+
+    def model(x: torch.Tensor, mask: torch.Tensor, observed: torch.Tensor) -> None:
+        vae.model(x, observed)
+
+    def guide(x: torch.Tensor, mask: torch.Tensor, observed: torch.Tensor) -> None:
+        vae.guide(x, mask)
+
+    return model, guide
+
+
 def observed_log_weights(
     vae: MaskedVAE, x: torch.Tensor, mask: torch.Tensor, z: torch.Tensor, q: dist.Distribution | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,18 +226,31 @@ def completion_log_likelihood(
     batch_size: int | None = None,
     memory_mb: float = 1024.0,
 ) -> Completion:
-    """SNIS estimate of log p(x_miss | x_obs) per image from K draws of q(z | x_obs, m) (see :class:`Completion`)."""
+    """SNIS estimate of log p(x_miss | x_obs) per image from K draws of q(z | x_obs, m) (see :class:`Completion`).
+
+    Masking is conditioning: the shared importance sampler (:func:`pyrovae.evaluate.log_likelihood`) runs the
+    program conditioned on x_obs, then on all of x, with the same draws; the estimate is the difference.
+    """
     if k < 1:
         raise PyrovaeError(f"the number of importance samples K must be at least 1, got {k}")
     b, chunk = _plan(x, k, batch_size, memory_mb)
+    model, guide = conditioned(vae)
+
+    def weights(xb: torch.Tensor, mb: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+        return log_likelihood(
+            model, guide, xb, mb, observed, num_samples=k, chunk_size=chunk, batch_size=len(xb), return_log_weights=True
+        )[1]
+
     cols: dict[str, list[torch.Tensor]] = {key: [] for key in ("miss", "obs", "ess", "bias")}
     for s in range(0, len(x), b):
         xb, mb = x[s : s + b], mask[s : s + b]
-        acc = {key: xb.new_full((len(xb),), -math.inf) for key in ("obs", "full", "obs2", "full2")}
-        for _, log_w, lp_miss in _chunks(vae, xb, mb, k, chunk):
-            for key, t in (("obs", log_w), ("full", log_w + lp_miss)):
-                acc[key] = torch.logaddexp(acc[key], t.logsumexp(0))
-                acc[key + "2"] = torch.logaddexp(acc[key + "2"], (2 * t).logsumexp(0))
+
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            log_w = {"obs": weights(xb, mb, mb)}  # on a copy of the RNG: the pass below sees the same z draws
+        log_w["full"] = weights(xb, mb, torch.ones_like(mb))
+        acc = {}
+        for key in ("obs", "full"):
+            acc[key], acc[key + "2"] = log_w[key].logsumexp(1), (2 * log_w[key]).logsumexp(1)
         cv2 = {key: (k * (acc[key + "2"] - 2 * acc[key]).exp() - 1).clamp_min(0) for key in ("obs", "full")}
         cols["miss"].append((acc["full"] - acc["obs"]).cpu())
         cols["obs"].append((acc["obs"] - math.log(k)).cpu())
