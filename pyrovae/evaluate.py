@@ -329,6 +329,8 @@ def _sweep(
             raise PyrovaeError(f"the {name} must be at least 1, got {v}")
     if memory_mb is not None and not memory_mb > 0:
         raise PyrovaeError(f"the memory budget must be positive, got {memory_mb} MB")
+    if any(isinstance(t, torch.Tensor) and t.dim() > 0 and len(t) == 0 for t in args):
+        return  # no datapoints: nothing to run the program on
     prog = _inspect(model, guide, args, kwargs, data_plate)
     n = prog.n
     if n == 0:
