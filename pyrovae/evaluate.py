@@ -300,6 +300,7 @@ class _Chunk:
     kl: torch.Tensor
     z_mean: torch.Tensor | None
     log_weights: torch.Tensor | None = None
+    draws: dict[str, torch.Tensor] = field(default_factory=dict)  # guide site values, (B, K, *event shape)
 
 
 def _sweep(
@@ -316,6 +317,7 @@ def _sweep(
     parts: bool,
     progress: bool,
     data_plate: str | None = None,
+    keep_sites: tuple[str, ...] = (),
 ) -> Iterator[_Chunk]:
     """Run the importance sampler in chunks, yielding each batch chunk of datapoints when its K particles are done.
 
@@ -371,6 +373,7 @@ def _sweep(
             sums = {key: torch.zeros(nb, dtype=torch.float64, device=prog.device) for key in ("elbo", "rec", "kl")}
             z_sum: torch.Tensor | None = None
             kept = []
+            draws: dict[str, list[torch.Tensor]] = {name: [] for name in keep_sites}
             for p0 in range(0, k, kc):
                 kk = min(kc, k - p0)
                 model_tr, guide_tr = prog.traces(args_b, kwargs_b, kk if vectorised else None)
@@ -379,6 +382,8 @@ def _sweep(
                 sums["elbo"] += log_w.sum(0, dtype=torch.float64)
                 if keep_weights:
                     kept.append(log_w.T)
+                for name in keep_sites:
+                    draws[name].append(_draws_per_point(guide_tr, name, prog, kk, nb))
                 if parts:
                     rec, kl, z = _parts(model_tr, guide_tr, prog, kk, nb)
                     sums["rec"] += rec.sum(0, dtype=torch.float64)
@@ -395,7 +400,21 @@ def _sweep(
                 (sums["kl"] / k).float(),
                 (z_sum / k).float() if z_sum is not None else None,
                 torch.cat(kept, dim=1) if keep_weights else None,
+                {name: torch.cat(values, dim=1) for name, values in draws.items()},
             )
+
+
+def _draws_per_point(guide_tr, name: str, prog: _Program, k: int, b: int) -> torch.Tensor:
+    """The guide site's values as (datapoints, particles, *event shape)."""
+    if name not in guide_tr.nodes:
+        raise PyrovaeError(f"the guide has no sample site {name!r}")
+    site = guide_tr.nodes[name]
+    v, event_dim = site["value"], site["fn"].event_dim
+    batch = v.dim() - event_dim
+    while batch < max(-prog.pdim, -prog.ddim):  # the particle dim (and plates) as size-1 dims if absent
+        v, batch = v.unsqueeze(0), batch + 1
+    v = v.movedim((batch + prog.ddim, batch + prog.pdim), (0, 1))
+    return v.reshape(v.shape[0], v.shape[1], *v.shape[batch:]).expand(b, k, *v.shape[batch:])
 
 
 def _parts(model_tr, guide_tr, prog: _Program, k: int, b: int):
@@ -503,6 +522,44 @@ def log_likelihood(
     if return_log_weights and not weights:
         weights.append(torch.zeros(0, num_samples, device=device))
     return (log_p, torch.cat(weights)) if return_log_weights else log_p
+
+
+def importance_draws(
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    sites: tuple[str, ...],
+    num_samples: int = 1000,
+    chunk_size: int | None = None,
+    batch_size: int | None = None,
+    memory_mb: float | None = None,
+    data_plate: str | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The (N, K) log-weights of :func:`log_likelihood` and the guide's draws at ``sites``, (N, K, *event shape) each:
+    what self-normalised importance resampling of the posterior needs, from the same sweep."""
+    weights, draws = [], {name: [] for name in sites}
+    for c in _sweep(
+        model,
+        guide,
+        args,
+        kwargs,
+        num_samples,
+        chunk_size=chunk_size,
+        batch_size=batch_size,
+        memory_mb=memory_mb,
+        keep_weights=True,
+        parts=False,
+        progress=False,
+        data_plate=data_plate,
+        keep_sites=tuple(sites),
+    ):
+        weights.append(c.log_weights)
+        for name in sites:
+            draws[name].append(c.draws[name])
+    if not weights:
+        raise PyrovaeError("nothing to draw: the data is empty")
+    return torch.cat(weights), {name: torch.cat(values) for name, values in draws.items()}
 
 
 def pareto_khat(log_weights: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -31,7 +31,7 @@ from torch import nn
 
 from .data import ImageData, Splits
 from .errors import PyrovaeError
-from .evaluate import log_likelihood
+from .evaluate import importance_draws, log_likelihood
 from .likelihoods import Likelihood
 from .models import data_plate, register, vae_parts
 from .nets import ACTIVATIONS, PRESETS, Arch
@@ -174,20 +174,14 @@ def conditioned(vae: MaskedVAE) -> tuple[Callable, Callable]:
 def observed_log_weights(
     vae: MaskedVAE, x: torch.Tensor, mask: torch.Tensor, z: torch.Tensor, q: dist.Distribution | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """For draws ``z`` (..., B, Z): log w = log p(x_obs|z) + log p(z) - log q(z|x_obs, m), and log p(x_miss|z)."""
+    """For draws ``z`` (..., B, Z): log w = log p(x_obs|z) + log p(z) - log q(z|x_obs, m), and log p(x_miss|z).
+
+    In closed form, as a reference: the completion code gets the same weights from the programs themselves.
+    """
     q = q if q is not None else vae.q(x, mask)
     lp = vae.likelihood.distribution(vae.decoder(z)).log_prob(x)
     log_w = torch.where(mask, lp, 0.0).flatten(-3).sum(-1) + vae.prior(x).log_prob(z) - q.log_prob(z)
     return log_w, torch.where(mask, 0.0, lp).flatten(-3).sum(-1)
-
-
-def _chunks(vae: MaskedVAE, x: torch.Tensor, mask: torch.Tensor, k: int, chunk: int):
-    """K proposal draws for a batch, ``chunk`` at a time: (z, log w, log p(x_miss | z)), each (kk, B, ...)."""
-    q = vae.q(x, mask)
-    for p0 in range(0, k, chunk):
-        z = q.sample((min(chunk, k - p0),))
-        log_w, lp_miss = observed_log_weights(vae, x, mask, z, q)
-        yield z, log_w, lp_miss
 
 
 def _plan(x: torch.Tensor, k: int, batch_size: int | None, memory_mb: float) -> tuple[int, int]:
@@ -273,13 +267,15 @@ def sample_completions(
     """``num`` draws of x_miss ~ p(x_miss | x_obs) per image (z resampled from the SNIS weights, then
     x ~ p(x | z)), with the observed pixels kept: shape (num, B, C, H, W)."""
     b, chunk = _plan(x, k, None, memory_mb)
+    model, guide = conditioned(vae)
     out = []
     for s in range(0, len(x), b):
         xb, mb = x[s : s + b], mask[s : s + b]
-        zs, lws = zip(*[(z, log_w) for z, log_w, _ in _chunks(vae, xb, mb, k, chunk)])
-        z, log_w = torch.cat(zs), torch.cat(lws)  # (K, B, Z), (K, B)
-        pick = dist.Categorical(logits=log_w.T).sample((num,))  # (num, B)
-        z_pick = z[pick, torch.arange(len(xb), device=xb.device)]
+        log_w, draws = importance_draws(
+            model, guide, xb, mb, mb, sites=("z",), num_samples=k, chunk_size=chunk, batch_size=len(xb)
+        )  # (B, K), (B, K, Z): the shared sweep, conditioned on the observed pixels
+        pick = dist.Categorical(logits=log_w).sample((num,))  # (num, B)
+        z_pick = draws["z"][torch.arange(len(xb), device=xb.device), pick]
         draw = vae.likelihood.distribution(vae.decoder(z_pick)).sample()
         out.append(torch.where(mb, xb, draw))
     return torch.cat(out, dim=1)

@@ -19,6 +19,7 @@ from pyro.infer import SVI, Trace_ELBO
 from torch import nn
 
 from pyrovae import PyrovaeError, TensorData, evaluate_points, fit, log_likelihood
+from pyrovae.evaluate import importance_draws
 from pyrovae.handlers import DataScale
 from pyrovae.infer import RenyiBound
 
@@ -310,3 +311,30 @@ def test_a_global_latent_gets_a_one_line_error():
     assert "\n" not in str(err.value) and "'mu'" in str(err.value)
     with pytest.raises(PyrovaeError, match="no plate named"):
         fit(_local_global_model, _local_global_guide, x, epochs=1, batch_size=3, data_plate="points", quiet=True)
+
+
+def test_importance_draws_are_the_draws_behind_the_weights():
+    # importance_draws returns the guide's z beside the log-weights of the same sweep (here in particle chunks
+    # of 16): recomputing log p(x, z) - log q(z) from the draws gives the weights to float32 rounding, and the
+    # self-normalised posterior mean is the exact one within 5 Monte Carlo standard errors of a 2000-draw SNIS.
+    lg = LinearGaussian()
+    x = lg.sample(4)
+    S = torch.linalg.inv(torch.eye(Z) + lg.W.T @ lg.W / lg.sigma**2)
+    mean = (x - lg.b) @ lg.W @ S / lg.sigma**2
+    sd = 1.3 * S.diagonal().sqrt().expand(4, Z)
+    guide = local_guide(4, mean + 0.1, sd)
+    pyro.set_rng_seed(6)
+    log_w, draws = importance_draws(lg.model, guide, x, sites=("z",), num_samples=2000, chunk_size=16)
+    z = draws["z"]
+    assert log_w.shape == (4, 2000) and z.shape == (4, 2000, Z)
+    x_given_z = dist.Normal(z @ lg.W.T + lg.b, lg.sigma).to_event(1).log_prob(x[:, None])
+    by_hand = (
+        x_given_z
+        + dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
+        - dist.Normal(mean[:, None] + 0.1, sd[:, None]).log_prob(z).sum(-1)
+    )
+    assert torch.allclose(log_w, by_hand, atol=1e-3)
+    w = torch.softmax(log_w, dim=1)
+    snis = (w[..., None] * z).sum(1)
+    se = ((w[..., None] ** 2) * (z - snis[:, None]) ** 2).sum(1).sqrt()  # delta-method sd of the SNIS mean
+    assert ((snis - mean).abs() < 5 * se + 1e-3).all(), (snis, mean, se)
