@@ -33,7 +33,7 @@ from .data import ImageData, Splits
 from .errors import PyrovaeError
 from .evaluate import importance_draws, log_likelihood
 from .likelihoods import Likelihood
-from .models import data_plate, register, vae_parts
+from .models import VAE, data_plate, register, vae_parts
 from .nets import ACTIVATIONS, PRESETS, Arch
 from .runs import arch_from_config
 
@@ -105,17 +105,18 @@ class MaskedImageData:
 
 
 # ---------------------------------------------------------------------------------------------- model
-class MaskedVAE(nn.Module):
-    """A VAE whose likelihood counts observed pixels only, with an encoder of [x ⊙ m, m] (2C channels)."""
+class MaskedVAE(VAE):
+    """The built-in :class:`~pyrovae.models.VAE` whose likelihood counts observed pixels only (conditioning on
+    x_obs), with an encoder of [x ⊙ m, m] (2C channels); prior, networks and registration are the VAE's."""
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: Likelihood, z_dim: int, name: str = "mvae"):
-        super().__init__()
-        self.encoder, self.decoder, self.likelihood = encoder, decoder, likelihood
-        self.z_dim, self.name = z_dim, name
+        super().__init__(encoder, decoder, likelihood, z_dim, name)
 
-    def prior(self, like: torch.Tensor) -> dist.Distribution:
-        zeros = like.new_zeros(self.z_dim)
-        return dist.Normal(zeros, zeros + 1).to_event(1)
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The likelihood's mean at the posterior mean of z given the observed pixels (default: all of them)."""
+        mask = torch.ones_like(x, dtype=torch.bool) if mask is None else mask
+        return self.likelihood.mean(self.decoder(self.encoder(self.encoder_input(x, mask))[0]))
 
     @staticmethod
     def encoder_input(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
