@@ -138,6 +138,7 @@ def compare(
     n_train: int | None = None,
     settings: dict[str, Any] | None = None,
     notes: Sequence[str] = (),
+    title: str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Score fitted programs on the same test data by the same code; with ``out``, write compare.json and compare.md.
@@ -145,7 +146,8 @@ def compare(
     ``models`` maps a name to a fitted program: a user's own VAE, the built-in one, a GMM (see :func:`as_fitted`).
     Each gets per-image log p(x) (exact with one draw when its guide has no latent, else importance-sampled
     with ``k`` draws), the ELBO and bits/dim; with ``labels``, clustering scores: from ``Fitted.clusters``, a
-    model's ``assign``, or a mixture fitted on its posterior means (active units). ``notes`` end the report.
+    model's ``assign``, or a mixture fitted on its posterior means (active units). ``notes`` end the report;
+    ``title`` heads it (default: the names joined by "vs").
     """
     if not models:
         raise PyrovaeError("compare needs at least one fitted program")
@@ -192,6 +194,7 @@ def compare(
         "settings": settings or {},
         "models": rows,
         "notes": list(notes),
+        "title": title or " vs ".join(fitted),
     }
     if out is not None:
         out = Path(out)
@@ -320,6 +323,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
             "mixture, component means at k ~ Cat(weights)), `mixture_means.png` (all component means), "
             "`latents_by_cluster.png` (VAE posterior means of the test images, PCA, coloured by latent-GMM cluster)."
         ],
+        title="VAE vs mixture",
         progress=not args.quiet,
     )
 
@@ -373,7 +377,7 @@ def _markdown(s: dict[str, Any]) -> str:
     }.get(s["bits_per_dim_kind"], "bits/dim")
     data = s["dataset"] or "the test data"
     lines = [
-        f"# {' vs '.join(s['models'])} on {data}"
+        f"# {s.get('title') or ' vs '.join(s['models'])} on {data}"
         + (f", representation: {s['representation']}" if s["representation"] else ""),
         "",
         f"Test images: {s['n_test']} · training images: {s['n_train'] if s['n_train'] is not None else 'n/a'}"
@@ -398,7 +402,8 @@ def _markdown(s: dict[str, Any]) -> str:
     for name, r in s["models"].items():
         if r["likelihood_kind"] != "exact":
             gap = r["log_likelihood"] - r["elbo"]
-            lines.append(f"{name} test ELBO: {r['elbo']:.2f} nats/image (gap to log p̂: {gap:.2f}).")
+            label = name.upper() if name == "vae" else name  # "VAE test ELBO", as the report always said
+            lines.append(f"{label} test ELBO: {r['elbo']:.2f} nats/image (gap to log p̂: {gap:.2f}).")
     lines.append("")
     for note in s.get("notes", []):
         lines += [note, ""]
