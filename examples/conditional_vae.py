@@ -88,7 +88,12 @@ def main(argv: list[str] | None = None) -> dict:
     return pyrovae.compare(
         {
             "cvae": pyrovae.Fitted(
-                cvae.model, cvae.guide, "conditional VAE, log p of x given its label", n_params(cvae), seconds, args=(y_test,)
+                cvae.model,
+                cvae.guide,
+                "conditional VAE, log p of x given its label",
+                n_params(cvae),
+                seconds,
+                args=(y_test,),
             ),
             "gmm": pyrovae.Fitted(
                 gmm.model, gmm.guide, f"Bernoulli mixture, K={args.gmm_k}", n_params(gmm), gmm_seconds, owner=gmm

@@ -183,7 +183,9 @@ def test_chunked_equals_unchunked_for_the_same_draws(lg):
     x = lg.sample(6)
     guide = lg.diag_guide(shift=0.1, scale=1.3)
     pyro.set_rng_seed(7)
-    chunked, w_chunked = log_likelihood(lg.model, guide, x, num_samples=64, chunk_size=16, batch_size=6, return_log_weights=True)
+    chunked, w_chunked = log_likelihood(
+        lg.model, guide, x, num_samples=64, chunk_size=16, batch_size=6, return_log_weights=True
+    )
     pyro.set_rng_seed(7)
     parts = [log_likelihood(lg.model, guide, x, num_samples=16, return_log_weights=True)[1] for _ in range(4)]
     w_seq = torch.cat(parts, dim=1)
@@ -227,7 +229,9 @@ def test_khat_good_for_exact_posterior_and_bad_for_a_narrow_guide(lg):
     # (seen: 0.88 to 1.0).
     x = lg.sample(6)
     good = evaluate_points(lg.model, lg.exact_guide, x, num_samples=2000)
-    wide = evaluate_points(lg.model, lambda x, num_data=None: lg.exact_guide(x, num_data, widen=1.2), x, num_samples=2000)
+    wide = evaluate_points(
+        lg.model, lambda x, num_data=None: lg.exact_guide(x, num_data, widen=1.2), x, num_samples=2000
+    )
     bad = evaluate_points(lg.model, lg.diag_guide(shift=0.0, scale=0.1), x, num_samples=5000)
     assert (good.khat == 0).all(), good.khat
     assert (wide.khat < 0.5).all(), wide.khat
