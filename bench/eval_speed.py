@@ -29,9 +29,9 @@ from plain_vae import plain_log_likelihood  # noqa: E402
 from pyrovae.evaluate import (  # noqa: E402
     CPU_CHUNK_MB,
     DEFAULT_MEMORY_MB,
-    _bytes_per_pair,
-    _max_plate_nesting,
+    _inspect,
     _plan,
+    _probe_particles,
     _traces,
     chunk_budget_mb,
     log_likelihood,
@@ -56,13 +56,14 @@ def flops_per_image(model, guide, x: torch.Tensor, k: int) -> float:
     """Matmul FLOPs of the guide and model for one image and k particles (counted on 64 particles)."""
     probe_k = min(k, 64)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        _traces(model, guide, x[:1], probe_k, -2)
+        _traces(model, guide, (x[:1],), {}, probe_k, -2)
     return counter.get_total_flops() * k / probe_k
 
 
 def planned_chunks(vae, xb: torch.Tensor, k: int, budget: float, pdim: int) -> tuple[int, int]:
     """Particles and images per call as pyrovae's planner picks them for ``xb`` under ``budget`` MB."""
-    return _plan(k, len(xb), None, None, budget, lambda: _bytes_per_pair(vae.model, vae.guide, xb, pdim))
+    prog = _inspect(vae.model, vae.guide, (xb[:8],), {}, None)
+    return _plan(k, len(xb), None, None, budget, lambda: _probe_particles(prog, (xb[:8],), {}, len(xb[:8]), 8))
 
 
 def time_call(fn, xb: torch.Tensor, device: torch.device) -> tuple[float, torch.Tensor]:
@@ -90,7 +91,7 @@ def main() -> None:
     x = splits.test.batch(torch.arange(min(args.n, len(splits.test)), device=device))
     per_image = flops_per_image(vae.model, vae.guide, x, args.k)
     rows = []
-    pdim = -_max_plate_nesting(vae.model, vae.guide, x[:2]) - 1
+    pdim = _inspect(vae.model, vae.guide, (x[:2],), {}, None).pdim
     blocks = max(1, min(args.blocks, len(x)))
     bounds = [round(i * len(x) / blocks) for i in range(blocks + 1)]
     for mb in args.memory_mb:

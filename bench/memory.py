@@ -77,16 +77,16 @@ def child_eval(args: argparse.Namespace) -> dict:
     _, splits, vae = load_run(args.run, "auto")
     x = splits.test.batch(torch.arange(args.n, device=splits.test.device))
     cuda = x.device.type == "cuda"
-    log_likelihood(vae.model, vae.guide, x[:2], 64, memory_mb=args.budget)  # warm-up: lazy inits, allocator
+    log_likelihood(vae.model, vae.guide, x[:2], num_samples=64, memory_mb=args.budget)  # warm-up: lazy inits, allocator
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() / 2**20
-        log_p = log_likelihood(vae.model, vae.guide, x, args.k, memory_mb=args.budget)
+        log_p = log_likelihood(vae.model, vae.guide, x, num_samples=args.k, memory_mb=args.budget)
         rise = torch.cuda.max_memory_allocated() / 2**20 - before
     else:
         with RssSampler() as rss:
-            log_p = log_likelihood(vae.model, vae.guide, x, args.k, memory_mb=args.budget)
+            log_p = log_likelihood(vae.model, vae.guide, x, num_samples=args.k, memory_mb=args.budget)
         rise = rss.peak - rss.before
     return {"rise": rise, "mean_log_p": float(log_p.mean()), "device": x.device.type}
 

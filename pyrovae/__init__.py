@@ -6,6 +6,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {  # name -> module: imported on first use, so that `import pyrovae` (and the CLI's start) is quick
+    "Fitted": "comparison",
+    "compare": "comparison",
     "ImageData": "data",
     "Pixels": "data",
     "TensorData": "data",
@@ -37,6 +39,7 @@ __all__ = [
     "ESTIMATORS",
     "LIKELIHOODS",
     "FitResult",
+    "Fitted",
     "PointEvaluation",
     "GMM",
     "ImageData",
@@ -46,6 +49,7 @@ __all__ = [
     "TensorData",
     "VAE",
     "build_vae",
+    "compare",
     "evaluate_elbo",
     "evaluate_points",
     "evaluate_run",

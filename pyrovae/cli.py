@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 SUBCOMMAND_MODULES = (
     "evaluate",
-    "compare",
+    "comparison",
     "missing",
     "gap",
     "sampling",

@@ -55,10 +55,11 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
 def decoder_model(vae: nn.Module) -> Callable:
     """The VAE's model with its decoder as a fixed function: no ``pyro.module``, so no parameters to train.
 
-    Takes ``(x, idx=None, num_data=None)``; ``idx`` (datapoint ids, for the local guide) is unused.
+    Takes ``(x, *rest, num_data=None)``; ``rest`` (datapoint ids, or a proposal's loc and scale, for the
+    guide) is unused.
     """
 
-    def model(x: torch.Tensor, idx: torch.Tensor | None = None, num_data: int | None = None) -> None:
+    def model(x: torch.Tensor, *_: torch.Tensor, num_data: int | None = None) -> None:
         with data_plate(x, num_data):
             z = pyro.sample("z", vae.prior(x))
             pyro.sample("x", vae.likelihood(vae.decoder(z)), obs=x)
@@ -116,21 +117,11 @@ def fit_local(
     return loc, scale, result
 
 
-def _packed_pair(vae: nn.Module, shape: tuple[int, ...]) -> tuple[Callable, Callable]:
-    """Model and guide over packed rows [x, loc, scale] so that any proposal can go through
-    ``log_likelihood``, which slices its input into chunks as it likes."""
-    d = int(torch.Size(shape).numel())
-    z_dim = vae.z_dim
-    model = decoder_model(vae)
-
-    def packed_model(xa: torch.Tensor, num_data: int | None = None) -> None:
-        model(xa[..., :d].reshape(-1, *shape), num_data=num_data)
-
-    def packed_guide(xa: torch.Tensor, num_data: int | None = None) -> None:
-        with data_plate(xa, num_data):
-            pyro.sample("z", dist.Normal(xa[..., d : d + z_dim], xa[..., d + z_dim :]).to_event(1))
-
-    return packed_model, packed_guide
+def proposal_guide(x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> None:
+    """q(z | x_i) = N(loc_i, scale_i), the proposal given as arguments: ``log_likelihood`` splits them by
+    datapoint like ``x``, so the encoder's q and the fitted q* go through the same sweep."""
+    with pyro.plate("data", len(x)):
+        pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
 
 @torch.no_grad()
@@ -139,9 +130,9 @@ def score_proposal(
 ) -> dict[str, torch.Tensor]:
     """With N(loc_i, scale_i) as proposal for x_i: log p̂(x_i) (log-mean-exp of K weights), the ELBO
     (their mean), its Monte Carlo standard error sd(log w)/√K, and the weights' Pareto k̂."""
-    model, guide = _packed_pair(vae, tuple(x.shape[1:]))
-    packed = torch.cat([x.flatten(1), loc, scale], dim=1)
-    log_p, lw = log_likelihood(model, guide, packed, k, memory_mb=memory_mb, return_log_weights=True)
+    log_p, lw = log_likelihood(
+        decoder_model(vae), proposal_guide, x, loc, scale, num_samples=k, memory_mb=memory_mb, return_log_weights=True
+    )
     lw = lw.double()
     return {
         "log_p": log_p.cpu(),

@@ -31,8 +31,9 @@ from torch import nn
 
 from .data import ImageData, Splits
 from .errors import PyrovaeError
+from .evaluate import importance_draws, log_likelihood
 from .likelihoods import Likelihood
-from .models import data_plate, register, vae_parts
+from .models import VAE, data_plate, register, vae_parts
 from .nets import ACTIVATIONS, PRESETS, Arch
 from .runs import arch_from_config
 
@@ -104,17 +105,18 @@ class MaskedImageData:
 
 
 # ---------------------------------------------------------------------------------------------- model
-class MaskedVAE(nn.Module):
-    """A VAE whose likelihood counts observed pixels only, with an encoder of [x ⊙ m, m] (2C channels)."""
+class MaskedVAE(VAE):
+    """The built-in :class:`~pyrovae.models.VAE` whose likelihood counts observed pixels only (conditioning on
+    x_obs), with an encoder of [x ⊙ m, m] (2C channels); prior, networks and registration are the VAE's."""
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: Likelihood, z_dim: int, name: str = "mvae"):
-        super().__init__()
-        self.encoder, self.decoder, self.likelihood = encoder, decoder, likelihood
-        self.z_dim, self.name = z_dim, name
+        super().__init__(encoder, decoder, likelihood, z_dim, name)
 
-    def prior(self, like: torch.Tensor) -> dist.Distribution:
-        zeros = like.new_zeros(self.z_dim)
-        return dist.Normal(zeros, zeros + 1).to_event(1)
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The likelihood's mean at the posterior mean of z given the observed pixels (default: all of them)."""
+        mask = torch.ones_like(x, dtype=torch.bool) if mask is None else mask
+        return self.likelihood.mean(self.decoder(self.encoder(self.encoder_input(x, mask))[0]))
 
     @staticmethod
     def encoder_input(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -157,23 +159,30 @@ def build_masked_vae(
 
 
 # ----------------------------------------------------------------------------------------- completion
+def conditioned(vae: MaskedVAE) -> tuple[Callable, Callable]:
+    """The masked VAE as a program of ``(x, mask, observed)``: the model conditions on the pixels in ``observed``,
+    the guide sees x through ``mask``. With ``observed = mask``, log p(x_obs); with all pixels, log p(x)."""
+
+    def model(x: torch.Tensor, mask: torch.Tensor, observed: torch.Tensor) -> None:
+        vae.model(x, observed)
+
+    def guide(x: torch.Tensor, mask: torch.Tensor, observed: torch.Tensor) -> None:
+        vae.guide(x, mask)
+
+    return model, guide
+
+
 def observed_log_weights(
     vae: MaskedVAE, x: torch.Tensor, mask: torch.Tensor, z: torch.Tensor, q: dist.Distribution | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """For draws ``z`` (..., B, Z): log w = log p(x_obs|z) + log p(z) - log q(z|x_obs, m), and log p(x_miss|z)."""
+    """For draws ``z`` (..., B, Z): log w = log p(x_obs|z) + log p(z) - log q(z|x_obs, m), and log p(x_miss|z).
+
+    In closed form, as a reference: the completion code gets the same weights from the programs themselves.
+    """
     q = q if q is not None else vae.q(x, mask)
     lp = vae.likelihood.distribution(vae.decoder(z)).log_prob(x)
     log_w = torch.where(mask, lp, 0.0).flatten(-3).sum(-1) + vae.prior(x).log_prob(z) - q.log_prob(z)
     return log_w, torch.where(mask, 0.0, lp).flatten(-3).sum(-1)
-
-
-def _chunks(vae: MaskedVAE, x: torch.Tensor, mask: torch.Tensor, k: int, chunk: int):
-    """K proposal draws for a batch, ``chunk`` at a time: (z, log w, log p(x_miss | z)), each (kk, B, ...)."""
-    q = vae.q(x, mask)
-    for p0 in range(0, k, chunk):
-        z = q.sample((min(chunk, k - p0),))
-        log_w, lp_miss = observed_log_weights(vae, x, mask, z, q)
-        yield z, log_w, lp_miss
 
 
 def _plan(x: torch.Tensor, k: int, batch_size: int | None, memory_mb: float) -> tuple[int, int]:
@@ -212,18 +221,31 @@ def completion_log_likelihood(
     batch_size: int | None = None,
     memory_mb: float = 1024.0,
 ) -> Completion:
-    """SNIS estimate of log p(x_miss | x_obs) per image from K draws of q(z | x_obs, m) (see :class:`Completion`)."""
+    """SNIS estimate of log p(x_miss | x_obs) per image from K draws of q(z | x_obs, m) (see :class:`Completion`).
+
+    Masking is conditioning: the shared importance sampler (:func:`pyrovae.evaluate.log_likelihood`) runs the
+    program conditioned on x_obs, then on all of x, with the same draws; the estimate is the difference.
+    """
     if k < 1:
         raise PyrovaeError(f"the number of importance samples K must be at least 1, got {k}")
     b, chunk = _plan(x, k, batch_size, memory_mb)
+    model, guide = conditioned(vae)
+
+    def weights(xb: torch.Tensor, mb: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+        return log_likelihood(
+            model, guide, xb, mb, observed, num_samples=k, chunk_size=chunk, batch_size=len(xb), return_log_weights=True
+        )[1]
+
     cols: dict[str, list[torch.Tensor]] = {key: [] for key in ("miss", "obs", "ess", "bias")}
     for s in range(0, len(x), b):
         xb, mb = x[s : s + b], mask[s : s + b]
-        acc = {key: xb.new_full((len(xb),), -math.inf) for key in ("obs", "full", "obs2", "full2")}
-        for _, log_w, lp_miss in _chunks(vae, xb, mb, k, chunk):
-            for key, t in (("obs", log_w), ("full", log_w + lp_miss)):
-                acc[key] = torch.logaddexp(acc[key], t.logsumexp(0))
-                acc[key + "2"] = torch.logaddexp(acc[key + "2"], (2 * t).logsumexp(0))
+
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            log_w = {"obs": weights(xb, mb, mb)}  # on a copy of the RNG: the pass below sees the same z draws
+        log_w["full"] = weights(xb, mb, torch.ones_like(mb))
+        acc = {}
+        for key in ("obs", "full"):
+            acc[key], acc[key + "2"] = log_w[key].logsumexp(1), (2 * log_w[key]).logsumexp(1)
         cv2 = {key: (k * (acc[key + "2"] - 2 * acc[key]).exp() - 1).clamp_min(0) for key in ("obs", "full")}
         cols["miss"].append((acc["full"] - acc["obs"]).cpu())
         cols["obs"].append((acc["obs"] - math.log(k)).cpu())
@@ -246,13 +268,15 @@ def sample_completions(
     """``num`` draws of x_miss ~ p(x_miss | x_obs) per image (z resampled from the SNIS weights, then
     x ~ p(x | z)), with the observed pixels kept: shape (num, B, C, H, W)."""
     b, chunk = _plan(x, k, None, memory_mb)
+    model, guide = conditioned(vae)
     out = []
     for s in range(0, len(x), b):
         xb, mb = x[s : s + b], mask[s : s + b]
-        zs, lws = zip(*[(z, log_w) for z, log_w, _ in _chunks(vae, xb, mb, k, chunk)])
-        z, log_w = torch.cat(zs), torch.cat(lws)  # (K, B, Z), (K, B)
-        pick = dist.Categorical(logits=log_w.T).sample((num,))  # (num, B)
-        z_pick = z[pick, torch.arange(len(xb), device=xb.device)]
+        log_w, draws = importance_draws(
+            model, guide, xb, mb, mb, sites=("z",), num_samples=k, chunk_size=chunk, batch_size=len(xb)
+        )  # (B, K), (B, K, Z): the shared sweep, conditioned on the observed pixels
+        pick = dist.Categorical(logits=log_w).sample((num,))  # (num, B)
+        z_pick = draws["z"][torch.arange(len(xb), device=xb.device), pick]
         draw = vae.likelihood.distribution(vae.decoder(z_pick)).sample()
         out.append(torch.where(mb, xb, draw))
     return torch.cat(out, dim=1)

@@ -284,7 +284,7 @@ def fit_two_stage(
 
 def fit_latent_gmm(vae: VAE, train_codes: PosteriorCodes, k: int = 20, seed: int = 0) -> LatentGMMSampler:
     """A diagonal GMM (k-means++ start, then ``fit``) on one draw of the codes (or the means) per image."""
-    from .compare import fit_mixture_latent
+    from .comparison import fit_mixture_latent
 
     torch.manual_seed(seed)
     z = train_codes.all()
@@ -329,7 +329,7 @@ def sample_quality(
     if referee is not None:
         pyro.clear_param_store()  # the referee's modules must not meet another VAE's of the same name
         for n in names:
-            lp = log_likelihood(referee.model, referee.guide, generated[n], k).double()
+            lp = log_likelihood(referee.model, referee.guide, generated[n], num_samples=k).double()
             out[n]["referee_log_likelihood"] = float(lp.mean())
             out[n]["referee_log_likelihood_sem"] = float(lp.std() / math.sqrt(len(lp)))
         pyro.clear_param_store()
@@ -516,7 +516,7 @@ def _referee_log_p(referee: VAE, x: torch.Tensor, k: int) -> torch.Tensor:
     from .evaluate import log_likelihood
 
     pyro.clear_param_store()
-    lp = log_likelihood(referee.model, referee.guide, x, k).double()
+    lp = log_likelihood(referee.model, referee.guide, x, num_samples=k).double()
     pyro.clear_param_store()
     return lp
 

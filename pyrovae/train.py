@@ -6,8 +6,9 @@ against 1.22x for ``SVI.step`` with ``pyro.optim.Adam`` (one optimiser per param
 per-step param-store bookkeeping). Estimators without ``differentiable_loss`` (TraceGraph_ELBO, a
 user's own) fall back to their ``loss_and_grads``.
 
-Calling convention: ``model(*batch, num_data=N)`` and ``guide(*batch, num_data=N)``, where ``batch``
-is what the dataset returns for a minibatch and N its full size (for the data plate's scale).
+Calling convention: ``model(*batch)`` and ``guide(*batch)``, where ``batch`` is what the dataset returns
+for a minibatch; the sites in the data plate are scaled by N/B by :class:`pyrovae.handlers.DataScale`.
+A program that names a ``num_data`` parameter also gets ``num_data=N`` (and may subsample its plate itself).
 
 Data-parallel: when a ``torch.distributed`` process group of several ranks is up (torchrun), each
 rank trains on its shard of every epoch and gradients are averaged; see :mod:`pyrovae.distributed`.
@@ -38,6 +39,7 @@ from . import distributed as ddp
 from .data import Dataset, TensorData
 from .errors import NonFiniteLoss, PyrovaeError
 from .files import atomic_write, load_weights, remove_stale_temp_files, write_json
+from .handlers import DataScale, PlateRecorder, bind_num_data, find_data_plate, minibatch_scale, scale_for
 from .hostmem import keep_freed_memory
 from .infer import LatentScale, MeanField, make_elbo, warmup_beta
 from .models import parameters_collected
@@ -127,21 +129,30 @@ def evaluate_elbo(
     elbo: ELBO | None = None,
     batch_size: int = 1000,
     distributed: bool = False,
+    data_plate: str | None = None,
 ) -> float:
     """Mean ELBO per datapoint over a dataset, in nats (analytic KL where available by default).
 
     Uses the estimator's ``loss`` (TraceEnum_ELBO's differentiable loss refuses to run without grad).
     ``distributed``: every rank of the process group calls this, evaluates its share, and the sums are all-reduced.
+    Batches are scaled to the whole dataset as in training (global sites counted once over all batches).
     """
     elbo = elbo or MeanField()
     n = len(data)
     device = _device_of(data)
     w = ddp.world() if distributed else ddp.World()
-    total = 0.0
+    model, guide, kwargs = bind_num_data(model, guide, n)
+    total, scale = 0.0, None
     for idx in torch.arange(n, device=device).tensor_split(w.size)[w.rank].split(batch_size):
         if len(idx) == 0:  # fewer datapoints than ranks
             continue
-        total += float(elbo.loss(model, guide, *_as_args(data.batch(idx)), num_data=n)) * (len(idx) / n)
+        args = _as_args(data.batch(idx))
+        if scale is None:  # a known plate needs no probe: DataScale leaves a plate Pyro scales alone
+            scale = (
+                DataScale(n, data_plate) if data_plate else minibatch_scale(model, guide, args, kwargs, n)
+            ) or nullcontext()
+        with scale:
+            total += float(elbo.loss(model, guide, *args, **kwargs)) * (len(idx) / n)
     if w.size > 1:
         total = float(ddp.all_sum(total))
     return -total / n
@@ -153,6 +164,11 @@ def _device_of(data: Dataset) -> torch.device:
         args = _as_args(data.batch(torch.arange(1)))
         device = args[0].device
     return torch.device(device)
+
+
+def _off_rng(device: torch.device):
+    """Draws inside do not move the RNG: a probe leaves training's draws as they would be without it."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def _as_args(batch: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -229,6 +245,7 @@ def fit(
     validate: bool = False,
     callback: Callable[[dict[str, float]], None] | None = None,
     on_first_checkpoint: Callable[[], None] | None = None,
+    data_plate: str | None = None,
 ) -> FitResult:
     """Train ``model``/``guide`` (any Pyro programs) on ``data`` by maximising an ELBO.
 
@@ -242,6 +259,9 @@ def fit(
     Pyro's validation (shapes, supports) checks the first step; ``validate`` keeps it on for all.
     On a CPU the process keeps freed memory for the next step (:func:`pyrovae.hostmem.keep_freed_memory`).
     In a process group of several ranks (torchrun), ``batch_size`` is per rank and only rank 0 writes files.
+    The minibatch scale N/B goes on the sites of the data plate: ``data_plate``, else the plate named
+    ``data``, else the plate of the batch's size (:class:`pyrovae.handlers.DataScale`); ``num_data=N`` is
+    passed to a program only if it names that parameter.
     """
     data = TensorData(data) if isinstance(data, torch.Tensor) else data
     val_data = TensorData(val_data) if isinstance(val_data, torch.Tensor) else val_data
@@ -270,17 +290,22 @@ def fit(
     # the validation ELBO: analytic KL where available; an enumerating estimator must enumerate there too
     val_estimator = val_elbo or (estimator if isinstance(estimator, TraceEnum_ELBO) else MeanField())
 
-    def loss_of(args: tuple[torch.Tensor, ...], beta: float) -> torch.Tensor:
-        with LatentScale(beta) if beta != 1.0 else nullcontext():
-            if differentiable:
-                return estimator.differentiable_loss(model, guide, *args, num_data=n)
-            return torch.as_tensor(estimator.loss_and_grads(model, guide, *args, num_data=n))
-
-    # One validated evaluation (shape and support checks by Pyro) also collects the parameters;
-    # the hot loop then runs with validation off.
+    program, program_guide, program_kwargs = bind_num_data(model, guide, n)
     probe = _as_args(data.batch(torch.arange(min(batch_size, n), device=device)))
-    with pyro.validation_enabled(True):
+    scale: DataScale | None = None  # set from the probe's plates; None where Pyro scales (or nothing needs it)
+
+    def loss_of(args: tuple[torch.Tensor, ...], beta: float) -> torch.Tensor:
+        with LatentScale(beta) if beta != 1.0 else nullcontext(), scale or nullcontext():
+            if differentiable:
+                return estimator.differentiable_loss(program, program_guide, *args, **program_kwargs)
+            return torch.as_tensor(estimator.loss_and_grads(program, program_guide, *args, **program_kwargs))
+
+    # One validated evaluation (shape and support checks by Pyro) also collects the parameters, off the
+    # RNG (training draws what it would without it); the hot loop then runs with validation off.
+    with pyro.validation_enabled(True), _off_rng(device), PlateRecorder() as plates:
         names, params = _collect_params(lambda: loss_of(probe, 1.0))
+    scale = scale_for(plates.frames, len(probe[0]), n, data_plate)
+    plate_name = find_data_plate(plates.frames, len(probe[0]), data_plate)
     for p in params:
         p.grad = None
     step_loss, grad_sync, mode = loss_of, None, ""
@@ -443,7 +468,7 @@ def fit(
                 "epoch": epoch + 1,
                 "train_elbo": train_elbo,
                 "val_elbo": (
-                    evaluate_elbo(model, guide, val_data, val_estimator, distributed=w.size > 1)
+                    evaluate_elbo(model, guide, val_data, val_estimator, distributed=w.size > 1, data_plate=plate_name)
                     if val_data is not None
                     else math.nan
                 ),

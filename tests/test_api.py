@@ -18,6 +18,20 @@ def test_top_level_api():
     assert all(hasattr(pyrovae, n) for n in pyrovae.__all__)
 
 
+def test_exports_survive_importing_every_submodule():
+    """The lazy exports stay what they name once their modules are imported (a submodule named like an export,
+    e.g. ``pyrovae.compare``, would otherwise replace the function by the module)."""
+    import importlib
+    import pkgutil
+    import types
+
+    for info in pkgutil.walk_packages(pyrovae.__path__, "pyrovae."):
+        importlib.import_module(info.name)
+    modules = sorted(n for n in pyrovae.__all__ if isinstance(getattr(pyrovae, n), types.ModuleType))
+    assert not modules, modules
+    assert callable(pyrovae.compare) and callable(pyrovae.fit)
+
+
 def test_figures_leave_matplotlibs_backend_alone(tmp_path):
     """Drawing pyrovae's figures sets no process-wide matplotlib state: a user's backend choice survives."""
     code = f"""

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pyrovae.cli import main
-from pyrovae.compare import clustering_scores
+from pyrovae.comparison import clustering_scores
 
 QUICK = ["--dataset", "synthetic", "--epochs", "2", "--gmm-epochs", "3", "--k", "40", "--n", "150", "--quiet"]
 

@@ -95,7 +95,7 @@ def test_log_likelihood_matches_exact_linear_gaussian(lg):
     # the bias of log-mean-exp, about -Var(w)/(2 K mean(w)^2), is < 1e-3 nats.
     x = lg.sample(6)
     guide = lg.diag_guide(shift=0.1, scale=1.3)
-    est, log_w = log_likelihood(lg.model, guide, x, 5000, return_log_weights=True)
+    est, log_w = log_likelihood(lg.model, guide, x, num_samples=5000, return_log_weights=True)
     exact = lg.exact_log_p(x)
     tol = 4 * _log_p_se(log_w).float() + 2e-3
     assert log_w.shape == (6, 5000)
@@ -108,7 +108,7 @@ def test_elbo_is_below_exact_log_p_and_splits_into_its_parts(lg):
     # the true gap KL(q || p(z|x)) here is 0.4-0.6 nats: we ask ELBO < exact - 0.1. Reconstruction - KL
     # (analytic KL for the mean-field guide) equals the ELBO up to MC error: tolerance 0.05 nats.
     x = lg.sample(6)
-    res = evaluate_points(lg.model, lg.diag_guide(shift=0.1, scale=1.3), x, 5000)
+    res = evaluate_points(lg.model, lg.diag_guide(shift=0.1, scale=1.3), x, num_samples=5000)
     exact = lg.exact_log_p(x)
     assert (res.elbo < exact - 0.1).all(), (res.elbo, exact)
     assert (res.gap > 0).all()
@@ -124,9 +124,9 @@ def test_exact_posterior_gives_exact_log_p_under_any_chunking(lg):
     x = lg.sample(5)
     exact = lg.exact_log_p(x)
     for kwargs in ({}, {"memory_mb": 0.001}, {"chunk_size": 7, "batch_size": 2}):
-        est = log_likelihood(lg.model, lg.exact_guide, x, 50, **kwargs)
+        est = log_likelihood(lg.model, lg.exact_guide, x, num_samples=50, **kwargs)
         assert torch.allclose(est, exact, atol=1e-3), kwargs
-    res = evaluate_points(lg.model, lg.exact_guide, x, 50)
+    res = evaluate_points(lg.model, lg.exact_guide, x, num_samples=50)
     assert torch.allclose(res.elbo, exact, atol=1e-3)
     assert torch.allclose(res.reconstruction - res.kl, exact, atol=1e-3)
 
@@ -140,7 +140,7 @@ def test_k1_is_an_elbo_sample(lg, tiny_vae, tiny_splits):
         (tiny_vae.model, tiny_vae.guide, tiny_splits.test.batch(torch.arange(20))),
     ):
         pyro.set_rng_seed(3)
-        est = log_likelihood(model, guide, x, 1)
+        est = log_likelihood(model, guide, x, num_samples=1)
         pyro.set_rng_seed(3)
         elbo = -Trace_ELBO().loss(model, guide, x, num_data=len(x))
         assert est.shape == (len(x),)
@@ -151,7 +151,7 @@ def test_evaluation_leaves_the_param_store_alone(tiny_vae, tiny_splits):
     # nothing is optimised in a sweep, so the model's modules are not (re-)registered in Pyro's store;
     # a model used with SVI afterwards registers them as usual
     pyro.clear_param_store()
-    log_likelihood(tiny_vae.model, tiny_vae.guide, tiny_splits.test.batch(torch.arange(4)), 8)
+    log_likelihood(tiny_vae.model, tiny_vae.guide, tiny_splits.test.batch(torch.arange(4)), num_samples=8)
     assert len(pyro.get_param_store()) == 0
     pyro.poutine.trace(tiny_vae.guide).get_trace(tiny_splits.test.batch(torch.arange(4)))
     assert any(name.startswith("vae.encoder") for name in pyro.get_param_store().keys())
@@ -169,7 +169,7 @@ def test_mean_log_p_is_non_decreasing_in_k(lg):
     for s in range(8):
         for j, k in enumerate(ks):
             pyro.set_rng_seed(100 + s)
-            means[s, j] = log_likelihood(lg.model, guide, x, k).mean()
+            means[s, j] = log_likelihood(lg.model, guide, x, num_samples=k).mean()
     for j in range(len(ks) - 1):
         diff = means[:, j + 1] - means[:, j]
         se = diff.std() / math.sqrt(len(diff))
@@ -183,18 +183,20 @@ def test_chunked_equals_unchunked_for_the_same_draws(lg):
     x = lg.sample(6)
     guide = lg.diag_guide(shift=0.1, scale=1.3)
     pyro.set_rng_seed(7)
-    chunked, w_chunked = log_likelihood(lg.model, guide, x, 64, chunk_size=16, batch_size=6, return_log_weights=True)
+    chunked, w_chunked = log_likelihood(
+        lg.model, guide, x, num_samples=64, chunk_size=16, batch_size=6, return_log_weights=True
+    )
     pyro.set_rng_seed(7)
-    parts = [log_likelihood(lg.model, guide, x, 16, return_log_weights=True)[1] for _ in range(4)]
+    parts = [log_likelihood(lg.model, guide, x, num_samples=16, return_log_weights=True)[1] for _ in range(4)]
     w_seq = torch.cat(parts, dim=1)
     assert torch.equal(w_chunked, w_seq)
     assert torch.allclose(chunked, torch.logsumexp(w_seq, 1) - math.log(64), atol=1e-5)
 
     # Chunking over the batch: each chunk of points sees the draws a separate call on it would.
     pyro.set_rng_seed(8)
-    by_batch = log_likelihood(lg.model, guide, x, 32, chunk_size=32, batch_size=2)
+    by_batch = log_likelihood(lg.model, guide, x, num_samples=32, chunk_size=32, batch_size=2)
     pyro.set_rng_seed(8)
-    separate = torch.cat([log_likelihood(lg.model, guide, x[i : i + 2], 32) for i in range(0, 6, 2)])
+    separate = torch.cat([log_likelihood(lg.model, guide, x[i : i + 2], num_samples=32) for i in range(0, 6, 2)])
     assert torch.allclose(by_batch, separate, atol=1e-5)
 
     # One call for all K against chunks of 16: torch's CPU normal sampler fills consecutive draws in
@@ -206,7 +208,7 @@ def test_chunked_equals_unchunked_for_the_same_draws(lg):
     if not torch.equal(whole, torch.cat([torch.randn(16, 6, Z) for _ in range(4)])):
         pytest.skip("this torch does not draw chunked normals in the same order")
     pyro.set_rng_seed(7)
-    unchunked = log_likelihood(lg.model, guide, x, 64, chunk_size=64, batch_size=6)
+    unchunked = log_likelihood(lg.model, guide, x, num_samples=64, chunk_size=64, batch_size=6)
     assert torch.allclose(chunked, unchunked, atol=1e-5)
 
 
@@ -226,9 +228,11 @@ def test_khat_good_for_exact_posterior_and_bad_for_a_narrow_guide(lg):
     # (over 12 seeds x 6 points: 0.73 to 1.2), so we ask every point > 0.5 and their mean > 0.7
     # (seen: 0.88 to 1.0).
     x = lg.sample(6)
-    good = evaluate_points(lg.model, lg.exact_guide, x, 2000)
-    wide = evaluate_points(lg.model, lambda x, num_data=None: lg.exact_guide(x, num_data, widen=1.2), x, 2000)
-    bad = evaluate_points(lg.model, lg.diag_guide(shift=0.0, scale=0.1), x, 5000)
+    good = evaluate_points(lg.model, lg.exact_guide, x, num_samples=2000)
+    wide = evaluate_points(
+        lg.model, lambda x, num_data=None: lg.exact_guide(x, num_data, widen=1.2), x, num_samples=2000
+    )
+    bad = evaluate_points(lg.model, lg.diag_guide(shift=0.0, scale=0.1), x, num_samples=5000)
     assert (good.khat == 0).all(), good.khat
     assert (wide.khat < 0.5).all(), wide.khat
     assert ((wide.log_likelihood - lg.exact_log_p(x)).abs() < 0.05).all()
@@ -262,9 +266,9 @@ def test_bits_per_dim_and_active_units():
 def test_bad_input_raises(lg):
     x = lg.sample(3)
     with pytest.raises(PyrovaeError, match="at least 1"):
-        log_likelihood(lg.model, lg.exact_guide, x, 0)
+        log_likelihood(lg.model, lg.exact_guide, x, num_samples=0)
     with pytest.raises(PyrovaeError, match="memory"):
-        log_likelihood(lg.model, lg.exact_guide, x, 5, memory_mb=-1)
+        log_likelihood(lg.model, lg.exact_guide, x, num_samples=5, memory_mb=-1)
 
     def outside(x, num_data=None):  # a latent outside the data plate couples the datapoints
         pyro.sample("g", dist.Normal(0.0, 1.0))
@@ -275,7 +279,7 @@ def test_bad_input_raises(lg):
             pyro.sample("x", dist.Normal(g, 1.0), obs=x[:, 0])
 
     with pytest.raises(PyrovaeError, match="data plate"):
-        log_likelihood(model, outside, x, 5)
+        log_likelihood(model, outside, x, num_samples=5)
 
 
 # ------------------------------------------------------------------------------------------ CLI

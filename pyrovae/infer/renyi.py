@@ -19,8 +19,7 @@ from pyro.infer.util import is_validation_enabled
 from pyro.util import check_if_enumerated
 
 from ..errors import PyrovaeError
-
-PARTICLE_PLATE = "num_particles_vectorized"
+from ..handlers import PARTICLE_PLATE
 
 
 def _sum_dims(t: torch.Tensor, dims: list[int]) -> torch.Tensor:

@@ -20,19 +20,22 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyro
 import torch
+from pyro.poutine.util import site_is_subsample
 
 from .errors import PyrovaeError
-from .evaluate import ACTIVE_THRESHOLD, bits_per_dim, evaluate_points, log_likelihood
-from .files import write_text
+from .evaluate import ACTIVE_THRESHOLD, bits_per_dim, evaluate_points
+from .files import atomic_write, write_json, write_text
 from .gmm import GMM
 from .runs import DEFAULTS, read_config, resolve_device, train_vae
-from .train import atomic_write, fit, load_checkpoint, write_json
+from .train import fit, load_checkpoint
 
 REPRESENTATIONS = {
     # name: (VAE settings, mixture family, bits/dim kind)
@@ -94,6 +97,137 @@ def _latents(vae, data, batch: int = 2000) -> torch.Tensor:
         return torch.cat([vae.encoder(x)[0] for x in data.batches(batch)])
 
 
+@dataclass
+class Fitted:
+    """A trained model/guide pair for :func:`compare`, with what the report says about it (all optional)."""
+
+    model: Callable
+    guide: Callable
+    description: str = ""
+    parameters: int | None = None
+    train_seconds: float | None = None
+    clusters: np.ndarray | None = None  # a cluster for each test point, scored against the labels
+    clustering_source: str = ""
+    owner: Any = None  # the object the program belongs to (its exact log_prob, if any, checks the estimate)
+    args: tuple = ()  # further arguments after the data, e.g. the labels of a conditional VAE: log p(x | y)
+
+
+def as_fitted(name: str, entry: Any) -> Fitted:
+    """A :class:`Fitted` from a Fitted, a ``(model, guide)`` pair, or an object with ``model`` and ``guide`` methods."""
+    if isinstance(entry, Fitted):
+        return entry
+    if isinstance(entry, tuple) and len(entry) == 2 and all(callable(f) for f in entry):
+        return Fitted(entry[0], entry[1], description=name)
+    if callable(getattr(entry, "model", None)) and callable(getattr(entry, "guide", None)):
+        params = n_params(entry) if isinstance(entry, torch.nn.Module) else None
+        return Fitted(entry.model, entry.guide, description=name, parameters=params, owner=entry)
+    raise PyrovaeError(f"{name}: expected a (model, guide) pair, an object with model and guide, or a Fitted")
+
+
+def compare(
+    models: Mapping[str, Any],
+    x: torch.Tensor,
+    *,
+    labels: np.ndarray | torch.Tensor | None = None,
+    k: int = 1000,
+    out: str | Path | None = None,
+    bits_per_dim_kind: str = "undefined",
+    memory_mb: float | None = None,
+    seed: int = 0,
+    dataset: str = "",
+    representation: str = "",
+    n_train: int | None = None,
+    settings: dict[str, Any] | None = None,
+    notes: Sequence[str] = (),
+    title: str | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Score fitted programs on the same test data by the same code; with ``out``, write compare.json and compare.md.
+
+    ``models`` maps a name to a fitted program: a user's own VAE, the built-in one, a GMM (see :func:`as_fitted`).
+    Each gets per-image log p(x) (exact with one draw when its guide has no latent, else importance-sampled
+    with ``k`` draws), the ELBO and bits/dim; with ``labels``, clustering scores: from ``Fitted.clusters``, a
+    model's ``assign``, or a mixture fitted on its posterior means (active units). ``notes`` end the report;
+    ``title`` heads it (default: the names joined by "vs").
+    """
+    if not models:
+        raise PyrovaeError("compare needs at least one fitted program")
+    fitted = {name: as_fitted(name, entry) for name, entry in models.items()}
+    y = None if labels is None else np.asarray(torch.as_tensor(labels).cpu())
+    n_test, dims = len(x), int(x[0].numel())
+    pyro.set_rng_seed(seed)
+    rows: dict[str, dict[str, Any]] = {}
+    for name, f in fitted.items():
+        t0 = time.perf_counter()
+        exact = not _has_latents(f.guide, x, *f.args)
+        res = evaluate_points(
+            f.model, f.guide, x, *f.args, num_samples=1 if exact else k, memory_mb=memory_mb, progress=progress
+        )
+        log_p = res.log_likelihood.double()
+        if exact and callable(getattr(f.owner, "log_prob", None)):
+            reference = f.owner.log_prob(x).detach().cpu().double()
+            if not torch.allclose(log_p, reference, rtol=1e-4, atol=1e-2):
+                raise PyrovaeError(f"internal check failed: {name}'s one-draw and exact log p(x) differ")
+        row: dict[str, Any] = {
+            "model": f.description or name,
+            "log_likelihood": float(log_p.mean()),
+            "log_likelihood_sem": float(log_p.std() / math.sqrt(n_test)) if n_test > 1 else None,
+            "elbo": float(res.elbo.double().mean()),
+            "bits_per_dim": bits_per_dim(log_p.mean(), dims, bits_per_dim_kind),
+            "likelihood_kind": "exact" if exact else f"importance-sampled, K={k}",
+            "clustering": None,
+            "parameters": f.parameters,
+            "train_seconds": f.train_seconds,
+            "eval_seconds": time.perf_counter() - t0,
+        }
+        if y is not None:
+            clusters, source = _clusters(f, x, res.z_mean, len(np.unique(y)), seed)
+            if clusters is not None:
+                row["clustering"] = {"source": source, **clustering_scores(y, clusters)}
+        rows[name] = row
+    summary = {
+        "representation": representation,
+        "bits_per_dim_kind": bits_per_dim_kind,
+        "dataset": dataset,
+        "n_train": n_train,
+        "n_test": n_test,
+        "k": k,
+        "settings": settings or {},
+        "models": rows,
+        "notes": list(notes),
+        "title": title or " vs ".join(fitted),
+    }
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "compare.json", summary)
+        write_text(out / "compare.md", _markdown(summary))
+    return summary
+
+
+def _has_latents(guide: Callable, x: torch.Tensor, *args: Any) -> bool:
+    """Whether the guide samples anything (off the RNG): without latents, one draw gives the exact log p(x)."""
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad():
+        tr = pyro.poutine.trace(guide).get_trace(x, *args)
+    return any(site["type"] == "sample" and not site_is_subsample(site) for site in tr.nodes.values())
+
+
+def _clusters(f: Fitted, x: torch.Tensor, z_mean: torch.Tensor | None, n_classes: int, seed: int):
+    """A cluster per test point and where it came from, or (None, "") when the program offers none."""
+    if f.clusters is not None:
+        return np.asarray(f.clusters), f.clustering_source or "given"
+    if callable(getattr(f.owner, "assign", None)):
+        return f.owner.assign(x).cpu().numpy(), "mixture on pixels"
+    if z_mean is None or len(z_mean) < n_classes:
+        return None, ""
+    active = z_mean.var(0) > ACTIVE_THRESHOLD
+    if not bool(active.any()):
+        active = torch.ones_like(active)
+    gmm, _ = fit_mixture_latent(z_mean[:, active].to(x.device), n_classes, seed)
+    source = f"{n_classes}-component GMM on test latent means ({int(active.sum())} active units)"
+    return gmm.assign(z_mean[:, active].to(x.device)).cpu().numpy(), source
+
+
 def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     """Train or load both models, evaluate them with the same code, write compare.json/.md and figures."""
     out = Path(args.out)
@@ -139,21 +273,8 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
             splits.train, args.gmm_k, family, args.gmm_covariance, args.gmm_epochs, out / "gmm", args.seed, args.quiet
         )
 
-    # -- the same evaluation code for both
-    pyro.set_rng_seed(args.seed)
-    t0 = time.perf_counter()
-    vae_eval = evaluate_points(vae.model, vae.guide, x_test, args.k, memory_mb=args.memory_mb, progress=not args.quiet)
-    vae_eval_seconds = time.perf_counter() - t0
-    gmm_lp = log_likelihood(gmm.model, gmm.guide, x_test, 1, memory_mb=args.memory_mb).cpu()
-    exact = gmm.log_prob(x_test).cpu()
-    if not torch.allclose(gmm_lp, exact, rtol=1e-4, atol=1e-2):
-        raise PyrovaeError("internal check failed: the mixture's importance-sampled and exact log p(x) differ")
-    dims = int(x_test[0].numel())
-
-    # -- clustering: mixture on pixels; mixture on the VAE's latent means (train fit, test assign)
-    gmm_clusters = gmm.assign(x_test).cpu().numpy()
-    # On the active units only (Var_x E[z_d|x] > 0.01): collapsed units have posterior means ~0 with
-    # tiny spread, and a diagonal mixture would cluster on that noise.
+    # -- clustering of the VAE: a mixture on its latent means, on the active units only (Var_x E[z_d|x] > 0.01):
+    # collapsed units have posterior means ~0 with tiny spread, and a diagonal mixture would cluster on that noise.
     z_train = _latents(vae, splits.train)
     active = z_train.var(0) > ACTIVE_THRESHOLD
     if not bool(active.any()):
@@ -162,47 +283,51 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     latent_gmm, _ = fit_mixture_latent(z_train[:, active], args.gmm_k, args.seed)
     latent_clusters = latent_gmm.assign(z_test[:, active]).cpu().numpy()
 
-    rows = {
-        "vae": {
-            "model": f"VAE ({cfg['arch']}, z={vae.z_dim}, {cfg['likelihood']} decoder, {cfg['elbo']})",
-            "log_likelihood": float(vae_eval.log_likelihood.mean()),
-            "log_likelihood_sem": float(vae_eval.log_likelihood.std() / math.sqrt(n_test)),
-            "elbo": float(vae_eval.elbo.mean()),
-            "bits_per_dim": bits_per_dim(vae_eval.log_likelihood.mean(), dims, bpd_kind),
-            "likelihood_kind": f"importance-sampled, K={args.k}",
-            "clustering": {
-                "source": f"{args.gmm_k}-component GMM on latent means ({int(active.sum())} active units)",
-                **clustering_scores(y_test, latent_clusters),
-            },
-            "parameters": n_params(vae),
-            "train_seconds": vae_seconds,
-            "eval_seconds": vae_eval_seconds,
-        },
-        "gmm": {
-            "model": f"{family} mixture, K={args.gmm_k}"
+    # -- the same evaluation code for both
+    models = {
+        "vae": Fitted(
+            vae.model,
+            vae.guide,
+            description=f"VAE ({cfg['arch']}, z={vae.z_dim}, {cfg['likelihood']} decoder, {cfg['elbo']})",
+            parameters=n_params(vae),
+            train_seconds=vae_seconds,
+            clusters=latent_clusters,
+            clustering_source=f"{args.gmm_k}-component GMM on latent means ({int(active.sum())} active units)",
+        ),
+        "gmm": Fitted(
+            gmm.model,
+            gmm.guide,
+            description=f"{family} mixture, K={args.gmm_k}"
             + (f", {args.gmm_covariance} covariance" if family == "gaussian" else ""),
-            "log_likelihood": float(exact.mean()),
-            "log_likelihood_sem": float(exact.std() / math.sqrt(n_test)),
-            "elbo": float(exact.mean()),
-            "bits_per_dim": bits_per_dim(exact.mean(), dims, bpd_kind),
-            "likelihood_kind": "exact",
-            "clustering": {"source": "mixture on pixels", **clustering_scores(y_test, gmm_clusters)},
-            "parameters": n_params(gmm),
-            "train_seconds": gmm_seconds,
-        },
+            parameters=n_params(gmm),
+            train_seconds=gmm_seconds,
+            clusters=gmm.assign(x_test).cpu().numpy(),
+            clustering_source="mixture on pixels",
+            owner=gmm,
+        ),
     }
-    summary = {
-        "representation": args.representation,
-        "bits_per_dim_kind": bpd_kind,
-        "dataset": cfg["dataset"],
-        "n_train": len(splits.train),
-        "n_test": n_test,
-        "k": args.k,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("func", "command")},
-        "models": rows,
-    }
-    write_json(out / "compare.json", summary)
-    write_text(out / "compare.md", _markdown(summary))
+    summary = compare(
+        models,
+        x_test,
+        labels=y_test,
+        k=args.k,
+        out=out,
+        bits_per_dim_kind=bpd_kind,
+        memory_mb=args.memory_mb,
+        seed=args.seed,
+        dataset=cfg["dataset"],
+        representation=args.representation,
+        n_train=len(splits.train),
+        settings={k: v for k, v in vars(args).items() if k not in ("func", "command")},
+        notes=[
+            "Figures: `samples_vae_vs_mixture.png` (left 8 columns: VAE, decoder means at z ~ N(0, I); right 8: "
+            "mixture, component means at k ~ Cat(weights)), `mixture_means.png` (all component means), "
+            "`latents_by_cluster.png` (VAE posterior means of the test images, PCA, coloured by latent-GMM cluster)."
+        ],
+        title="VAE vs mixture",
+        progress=not args.quiet,
+    )
+
     if not args.no_figures:
         from .figures import compare_figures
 
@@ -247,37 +372,48 @@ def _metric_column(run_dir: Path, column: str) -> list[str]:
 
 
 def _markdown(s: dict[str, Any]) -> str:
-    bpd = "bits/dim (binary pixels)" if s["bits_per_dim_kind"] == "binary" else "bits/dim (8-bit, dequantised)"
+    bpd = {
+        "binary": "bits/dim (binary pixels)",
+        "dequantized": "bits/dim (8-bit, dequantised)",
+    }.get(s["bits_per_dim_kind"], "bits/dim")
+    data = s["dataset"] or "the test data"
     lines = [
-        f"# VAE vs mixture on {s['dataset']}, representation: {s['representation']}",
+        f"# {s.get('title') or ' vs '.join(s['models'])} on {data}"
+        + (f", representation: {s['representation']}" if s["representation"] else ""),
         "",
-        f"Test images: {s['n_test']} · training images: {s['n_train']} · all numbers on the "
-        f"{s['representation']} representation only (never compare across representations).",
+        f"Test images: {s['n_test']} · training images: {s['n_train'] if s['n_train'] is not None else 'n/a'}"
+        + (
+            f" · all numbers on the {s['representation']} representation only (never compare across representations)."
+            if s["representation"]
+            else "."
+        ),
         "",
         f"| model | log p(x) nats/image | ± s.e. | {bpd} | how | NMI | ARI | accuracy | clusters from | parameters | train s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in s["models"].values():
-        c = r["clustering"]
+        c = r["clustering"] or {}
         lines.append(
-            f"| {r['model']} | {r['log_likelihood']:.2f} | {r['log_likelihood_sem']:.2f} | {r['bits_per_dim']:.4f} | "
-            f"{r['likelihood_kind']} | {c['nmi']:.3f} | {c['ari']:.3f} | {c['accuracy']:.3f} | {c['source']} | "
-            f"{r['parameters']:,} | {r['train_seconds']:.0f} |"
+            f"| {r['model']} | {r['log_likelihood']:.2f} | {_fmt(r['log_likelihood_sem'], '.2f')} | "
+            f"{_fmt(r['bits_per_dim'], '.4f')} | {r['likelihood_kind']} | {_fmt(c.get('nmi'), '.3f')} | "
+            f"{_fmt(c.get('ari'), '.3f')} | {_fmt(c.get('accuracy'), '.3f')} | {c.get('source', 'n/a')} | "
+            f"{_fmt(r['parameters'], ',')} | {_fmt(r['train_seconds'], '.0f')} |"
         )
-    vae = s["models"]["vae"]
-    lines += [
-        "",
-        f"VAE test ELBO: {vae['elbo']:.2f} nats/image (gap to log p̂: {vae['log_likelihood'] - vae['elbo']:.2f}).",
-        "",
-    ]
-    lines += [
-        "Figures: `samples_vae_vs_mixture.png` (left 8 columns: VAE, decoder means at z ~ N(0, I); right 8: "
-        "mixture, component means at k ~ Cat(weights)), `mixture_means.png` (all component means), "
-        "`latents_by_cluster.png` (VAE posterior means of the test images, PCA, coloured by latent-GMM cluster).",
-        "",
-    ]
+    lines.append("")
+    for name, r in s["models"].items():
+        if r["likelihood_kind"] != "exact":
+            gap = r["log_likelihood"] - r["elbo"]
+            label = name.upper() if name == "vae" else name  # "VAE test ELBO", as the report always said
+            lines.append(f"{label} test ELBO: {r['elbo']:.2f} nats/image (gap to log p̂: {gap:.2f}).")
+    lines.append("")
+    for note in s.get("notes", []):
+        lines += [note, ""]
     lines += ["Settings: `" + json.dumps(s["settings"], default=str) + "`", ""]
     return "\n".join(lines)
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
