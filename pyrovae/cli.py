@@ -185,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     g.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     g.add_argument(
+        "--tensorboard",
+        metavar="DIR",
+        help="also write TensorBoard event files into DIR: per-epoch ELBOs, sample and reconstruction grids "
+        "(needs: pip install 'pyrovae[tensorboard]')",
+    )
+    g.add_argument(
         "--eval-k", type=_positive_int, help="after training, run 'pyrovae evaluate' with K importance samples"
     )
     t.set_defaults(func=cmd_train)
@@ -302,7 +308,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         try:
             distributed.setup(resolve_device(cfg["device"]))  # under torchrun: join the process group, pick the GPU
             # the old run (with --overwrite) is replaced only once the new one has written its first checkpoint
-            _, _, result = train_vae(cfg, out, resume=args.resume, quiet=args.quiet, on_first_checkpoint=replaced)
+            _, _, result = train_vae(
+                cfg,
+                out,
+                resume=args.resume,
+                quiet=args.quiet,
+                on_first_checkpoint=replaced,
+                tensorboard=args.tensorboard if first else None,
+            )
         finally:
             distributed.teardown()
     if not first:

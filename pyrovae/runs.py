@@ -195,26 +195,39 @@ def train_vae(
     resume: bool = False,
     quiet: bool = False,
     on_first_checkpoint: Callable[[], None] | None = None,
+    tensorboard: str | Path | None = None,
 ):
     """Train (or resume) the VAE a config describes into run folder ``out``; returns (splits, vae, FitResult).
 
-    ``out`` is left as it was until the first checkpoint is written; ``on_first_checkpoint`` runs then."""
+    ``out`` is left as it was until the first checkpoint is written; ``on_first_checkpoint`` runs then.
+    ``tensorboard``: a folder for TensorBoard event files (scalars, sample and reconstruction grids)."""
     check_config(cfg)
     device = resolve_device(cfg["device"])
     pyro.set_rng_seed(cfg["seed"])
     splits = load_splits(cfg, device)
     vae = build_model(cfg, splits)
-    result = fit_from_config(
-        cfg,
-        vae,
-        splits,
-        splits.train,
-        splits.val,
-        out,
-        resume=resume,
-        quiet=quiet,
-        on_first_checkpoint=on_first_checkpoint,
-    )
+    logger = None
+    if tensorboard is not None:
+        from .tensorboard import TensorBoardLogger
+
+        images = splits.val.batch(torch.arange(min(16, len(splits.val)), device=splits.val.device))
+        logger = TensorBoardLogger(tensorboard, vae=vae, images=images)
+    try:
+        result = fit_from_config(
+            cfg,
+            vae,
+            splits,
+            splits.train,
+            splits.val,
+            out,
+            resume=resume,
+            quiet=quiet,
+            on_first_checkpoint=on_first_checkpoint,
+            callback=logger,
+        )
+    finally:
+        if logger is not None:
+            logger.close()
     return splits, vae, result
 
 
@@ -230,6 +243,7 @@ def fit_from_config(
     quiet: bool = False,
     record: dict[str, Any] | None = None,
     on_first_checkpoint: Callable[[], None] | None = None,
+    callback: Callable[[dict[str, float]], None] | None = None,
 ):
     """``fit`` with the optimisation settings of a run config; writes the config (plus data facts) with the run."""
     from . import __version__
@@ -265,6 +279,7 @@ def fit_from_config(
         },
         quiet=quiet,
         on_first_checkpoint=on_first_checkpoint,
+        callback=callback,
     )
 
 

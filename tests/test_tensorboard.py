@@ -66,3 +66,16 @@ def test_image_grid_shapes_and_bad_input():
     assert image_grid(torch.rand(3, 4, 4), nrow=3).shape == (3, 6, 16)  # grayscale (B, H, W) -> 3 channels
     with pytest.raises(PyrovaeError, match="must be"):
         image_grid(torch.rand(2, 3))
+
+
+def test_train_command_writes_tensorboard_events(tmp_path):
+    """`pyrovae train --tensorboard DIR`: the run's epochs in the event file, beside an ordinary run folder."""
+    from pyrovae.cli import main
+
+    args = ["train", "--dataset", "synthetic", "--hidden", "32", "--z-dim", "4", "--batch-size", "100", "--quiet"]
+    assert main([*args, "--epochs", "2", "--out", str(tmp_path / "run"), "--tensorboard", str(tmp_path / "tb")]) == 0
+    acc = _events(tmp_path / "tb")
+    assert [e.step for e in acc.Scalars("val_elbo")] == [1, 2]
+    assert len(acc.Images("reconstructions")) == 2
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
+    assert "tensorboard" not in (tmp_path / "run" / "config.json").read_text()  # where to log is not the run's config
