@@ -20,6 +20,7 @@ from . import __version__, distributed
 from .data import BINARIZE, DATASETS
 from .errors import NonFiniteLoss, PyrovaeError, PyrovaeWarning
 from .files import RunLock
+from .hostmem import keep_freed_memory
 from .infer import ESTIMATORS
 from .likelihoods import LIKELIHOODS
 from .nets import ACTIVATIONS, PRESETS
@@ -343,6 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for --nproc, which runs this command again
+    keep_freed_memory()  # a process-wide malloc setting: the command line's to make, not the library's
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _note

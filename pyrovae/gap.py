@@ -36,6 +36,7 @@ from .errors import PyrovaeError
 from .evaluate import log_likelihood, pareto_khat
 from .inference_data import from_draws, group, make_idata, summary
 from .models import data_plate
+from .paramstore import fresh_param_store
 from .train import FitResult, fit
 
 
@@ -97,7 +98,7 @@ def fit_local(
         loc0, scale0 = init if init is not None else vae.encoder(x)
     idx = torch.arange(len(x), device=x.device)
     guide = local_guide(loc0, scale0)
-    with frozen(vae):
+    with frozen(vae), fresh_param_store():  # the per-datapoint q* stays out of the caller's param store
         result = fit(
             decoder_model(vae),
             guide,
@@ -111,10 +112,7 @@ def fit_local(
             seed=seed,
             quiet=True,
         )
-    loc = pyro.param("local.loc").detach().clone()
-    scale = pyro.param("local.scale").detach().clone()
-    pyro.clear_param_store()
-    return loc, scale, result
+    return result.params["local.loc"], result.params["local.scale"], result
 
 
 def proposal_guide(x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> None:
