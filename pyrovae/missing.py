@@ -35,6 +35,7 @@ from .evaluate import importance_draws, log_likelihood
 from .likelihoods import Likelihood
 from .models import VAE, data_plate, register, vae_parts
 from .nets import ACTIVATIONS, PRESETS, Arch
+from .paramstore import forget_module
 from .runs import arch_from_config
 
 MASK_KINDS = ("random", "top-half", "mix")
@@ -371,7 +372,7 @@ def load_masked_run(run_dir: str | Path, device: str = "auto") -> tuple[dict[str
     splits = load_splits(cfg, dev)
     vae = build_masked_model(cfg, splits)
     load_module_params(vae, vae.name, run_dir, dev)
-    pyro.clear_param_store()
+    forget_module(vae.name)  # the store's entries of this name are another model's
     return cfg, splits, vae
 
 

@@ -23,6 +23,7 @@ from .data import Pixels, Splits, load_dataset, make_splits, synthetic
 from .errors import PyrovaeError
 from .models import VAE, build_vae
 from .nets import ACTIVATIONS, PRESETS, Arch
+from .paramstore import forget_module
 
 DEFAULTS: dict[str, Any] = {
     "dataset": "fashion-mnist",
@@ -297,5 +298,5 @@ def load_run(run_dir: str | Path, device: str = "auto") -> tuple[dict[str, Any],
     splits = load_splits(cfg, dev)
     vae = build_model(cfg, splits)
     load_module_params(vae, vae.name, run_dir, dev)
-    pyro.clear_param_store()
+    forget_module(vae.name)  # the store's entries of this name are another model's
     return cfg, splits, vae

@@ -33,6 +33,7 @@ from .errors import PyrovaeError
 from .gmm import GMM
 from .models import VAE, data_plate, register
 from .nets import _mlp
+from .paramstore import fresh_param_store
 
 CODES = ("sample", "mean")
 
@@ -266,19 +267,19 @@ def fit_two_stage(
 
     pyro.set_rng_seed(seed)
     stage2 = LatentVAE(train_codes.loc.shape[1], hidden=hidden).to(train_codes.device)
-    result = fit(
-        stage2.model,
-        stage2.guide,
-        train_codes,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        lr_schedule="cosine",
-        val_data=val_codes,
-        quiet=quiet,
-        seed=seed,
-    )
-    pyro.clear_param_store()
+    with fresh_param_store():  # the stage-2 modules keep their parameters; the caller's store is left alone
+        result = fit(
+            stage2.model,
+            stage2.guide,
+            train_codes,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            lr_schedule="cosine",
+            val_data=val_codes,
+            quiet=quiet,
+            seed=seed,
+        )
     return TwoStageSampler(vae, stage2.eval()), result.history
 
 
@@ -290,8 +291,8 @@ def fit_latent_gmm(vae: VAE, train_codes: PosteriorCodes, k: int = 20, seed: int
     z = train_codes.all()
     if len(z) < k:
         raise PyrovaeError(f"--gmm-k {k} is more than the {len(z)} training codes")
-    gmm, _ = fit_mixture_latent(z, k, seed, covariance="diag")
-    pyro.clear_param_store()
+    with fresh_param_store():
+        gmm, _ = fit_mixture_latent(z, k, seed, covariance="diag")
     return LatentGMMSampler(vae, gmm)
 
 
@@ -310,7 +311,6 @@ def sample_quality(
     One bandwidth per feature map (the median heuristic on test vs the first sampler), so that the
     rows of one table are comparable.
     """
-    from .evaluate import log_likelihood
 
     names = list(generated)
     feats: dict[str, dict[str, torch.Tensor]] = {"pixels": {n: generated[n] for n in names}}
@@ -327,12 +327,10 @@ def sample_quality(
         for n, v in per.items():
             out[n][f"mmd2_{f}"] = mmd2(v, test_feats[f], bandwidths[f])[0]
     if referee is not None:
-        pyro.clear_param_store()  # the referee's modules must not meet another VAE's of the same name
         for n in names:
-            lp = log_likelihood(referee.model, referee.guide, generated[n], num_samples=k).double()
+            lp = _referee_log_p(referee, generated[n], k)
             out[n]["referee_log_likelihood"] = float(lp.mean())
             out[n]["referee_log_likelihood_sem"] = float(lp.std() / math.sqrt(len(lp)))
-        pyro.clear_param_store()
     for n in out:
         out[n]["bandwidths"] = {f: bandwidths[f] for f in feats}
     return out
@@ -375,8 +373,8 @@ def _referee(run_dir: Path, cfg: dict[str, Any], referee_run: str | None, epochs
             return ref, str(folder), saved
         for name in ("checkpoint.pt", "metrics.csv", "config.json"):
             (folder / name).unlink(missing_ok=True)
-    _, ref, _ = train_vae(ref_cfg, folder, quiet=quiet)
-    pyro.clear_param_store()
+    with fresh_param_store():
+        _, ref, _ = train_vae(ref_cfg, folder, quiet=quiet)
     return ref, str(folder), ref_cfg
 
 
@@ -449,7 +447,6 @@ def run_samples(
     referee, referee_where, referee_cfg = _referee(run_dir, cfg, referee_run, referee_epochs, device, quiet)
     referee.eval()
     scores = sample_quality(images, z, test_x, test_codes, referee, k)
-    pyro.clear_param_store()
     pyro.set_rng_seed(seed + 2)
     with torch.no_grad():
         lp_test = _referee_log_p(referee, test_x, k)
@@ -515,10 +512,8 @@ def run_samples(
 def _referee_log_p(referee: VAE, x: torch.Tensor, k: int) -> torch.Tensor:
     from .evaluate import log_likelihood
 
-    pyro.clear_param_store()
-    lp = log_likelihood(referee.model, referee.guide, x, num_samples=k).double()
-    pyro.clear_param_store()
-    return lp
+    with fresh_param_store():  # the referee's modules must not meet another VAE's of the same name
+        return log_likelihood(referee.model, referee.guide, x, num_samples=k).double()
 
 
 def _fmt(v: float | None, spec: str = ".4f") -> str:

@@ -36,6 +36,7 @@ from .errors import PyrovaeError
 from .likelihoods import Likelihood, make_likelihood
 from .models import data_plate, register
 from .nets import _mlp
+from .paramstore import fresh_param_store
 
 
 def _cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -267,12 +268,11 @@ def train_m2(
 
     model = functools.partial(m2.model, num_labelled=data.num_labelled)
     guide = functools.partial(m2.guide, num_labelled=data.num_labelled)
-    result = fit(
-        model, guide, data, elbo=m2.elbo(), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, quiet=quiet,
-        callback=record,
-    )  # fmt: skip
-    pyro.clear_param_store()
-    return result
+    with fresh_param_store():  # M2's modules keep their parameters; the caller's store is left alone
+        return fit(
+            model, guide, data, elbo=m2.elbo(), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, quiet=quiet,
+            callback=record,
+        )  # fmt: skip
 
 
 def train_classifier(
