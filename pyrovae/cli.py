@@ -21,7 +21,7 @@ from .data import BINARIZE, DATASETS
 from .errors import NonFiniteLoss, PyrovaeError, PyrovaeWarning
 from .files import RunLock
 from .hostmem import keep_freed_memory
-from .infer import ESTIMATORS
+from .infer import ESTIMATORS, check_alpha
 from .likelihoods import LIKELIHOODS
 from .nets import ACTIVATIONS, PRESETS
 from .runs import DEFAULTS, MAX_SEED, read_config, resolve_device, train_vae
@@ -284,8 +284,7 @@ def _checked_config(args: argparse.Namespace) -> dict[str, Any]:
         raise PyrovaeError(
             f"{out} was trained by 'pyrovae train-masked'; continue it with 'pyrovae train-masked --resume'"
         )
-    if cfg["elbo"] == "renyi" and cfg["alpha"] is None:
-        raise PyrovaeError("--elbo renyi needs --alpha (e.g. 0.5)")
+    check_alpha(cfg["elbo"], cfg["alpha"])
     return cfg
 
 

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .errors import PyrovaeError
 from .handlers import DATA_PLATE, sample_frames
 from .infer.renyi import PARTICLE_PLATE
-from .inference_data import make_idata, psis_khat
+from .inference_data import make_idata, psis_khat, scalar_attrs, write_idata
 from .models import parameters_collected
 
 KHAT_GOOD, KHAT_BAD = 0.5, 0.7
@@ -791,8 +791,6 @@ def write_netcdf(path: Path, res: PointEvaluation, labels: torch.Tensor | None, 
     """Per-point results as an ArviZ object (InferenceData or DataTree; group ``evaluation``, dims point and latent), atomically."""
     import xarray as xr
 
-    from .files import atomic_path
-
     data_vars = {
         "log_likelihood": ("point", res.log_likelihood.double().numpy()),
         "elbo": ("point", res.elbo.double().numpy()),
@@ -804,11 +802,8 @@ def write_netcdf(path: Path, res: PointEvaluation, labels: torch.Tensor | None, 
         data_vars["label"] = ("point", labels.numpy())
     if res.z_mean is not None:
         data_vars["z_mean"] = (("point", "latent"), res.z_mean.double().numpy())
-    attrs = {k: v for k, v in summary.items() if isinstance(v, int | float | str) and not isinstance(v, bool)}
-    ds = xr.Dataset(data_vars, coords={"point": np.arange(len(res.log_likelihood))}, attrs=attrs)
-    idata = make_idata(evaluation=ds)
-    with atomic_path(path) as tmp:  # a fresh temporary name: a planted symlink cannot redirect the write
-        idata.to_netcdf(str(tmp))
+    ds = xr.Dataset(data_vars, coords={"point": np.arange(len(res.log_likelihood))}, attrs=scalar_attrs(summary))
+    write_idata(path, make_idata(evaluation=ds))
 
 
 def _fmt(v: Any, spec: str = ".2f") -> str:

@@ -34,7 +34,7 @@ from torch import nn
 from .data import TensorData
 from .errors import PyrovaeError
 from .evaluate import log_likelihood, pareto_khat
-from .inference_data import from_draws, group, make_idata, summary
+from .inference_data import from_draws, group, make_idata, scalar_attrs, summary, write_idata
 from .models import data_plate
 from .paramstore import fresh_param_store
 from .train import FitResult, fit
@@ -307,8 +307,6 @@ def write_posterior(path: Path, idata, res: GapResult, points: int, attrs: dict[
     """The NUTS draws plus a ``variational`` group (q and q* loc/scale of the same points), as netCDF, atomically."""
     import xarray as xr
 
-    from .files import atomic_path
-
     dims = ("point", "latent")
     ds = xr.Dataset(
         {
@@ -318,11 +316,10 @@ def write_posterior(path: Path, idata, res: GapResult, points: int, attrs: dict[
             "qstar_scale": (dims, res.qstar_scale[:points].double().numpy()),
         },
         coords={"point": np.arange(points), "latent": np.arange(res.q_loc.shape[1])},
-        attrs={k: v for k, v in attrs.items() if isinstance(v, int | float | str) and not isinstance(v, bool)},
+        attrs=scalar_attrs(attrs),
     )
     out = make_idata(posterior=group(idata, "posterior"), sample_stats=group(idata, "sample_stats"), variational=ds)
-    with atomic_path(path) as tmp:  # a fresh temporary name: a planted symlink cannot redirect the write
-        out.to_netcdf(str(tmp))
+    write_idata(path, out)
 
 
 # ------------------------------------------------------------------------------------------ run folder

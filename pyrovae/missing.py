@@ -32,6 +32,7 @@ from torch import nn
 from .data import ImageData, Splits
 from .errors import PyrovaeError
 from .evaluate import importance_draws, log_likelihood
+from .infer import check_alpha
 from .likelihoods import Likelihood
 from .models import VAE, data_plate, register, vae_parts
 from .nets import ACTIVATIONS, PRESETS, Arch
@@ -574,8 +575,7 @@ def _train_masked_locked(args: argparse.Namespace) -> int:
             raise PyrovaeError(f"--resume continues the saved run; these options differ from it: {', '.join(changed)}")
     else:
         cfg = {**cfg, "mask": args.mask or "mix", "mask_rate": 0.5 if args.rate is None else args.rate}
-    if cfg["elbo"] == "renyi" and cfg["alpha"] is None:
-        raise PyrovaeError("--elbo renyi needs --alpha (e.g. 0.5)")
+    check_alpha(cfg["elbo"], cfg["alpha"])
     # the old run (with --overwrite) is replaced only once the new one has written its first checkpoint
     replaced = (lambda: remove_derived(out)) if args.overwrite else None
     _, _, result = train_masked(cfg, out, resume=args.resume, quiet=args.quiet, on_first_checkpoint=replaced)

@@ -60,6 +60,11 @@ def _standard_normal(z_dim: int, device: torch.device, dtype: torch.dtype) -> di
     return dist.Normal(zeros, zeros + 1).to_event(1)
 
 
+def standard_normal(dim: int, like: torch.Tensor) -> dist.Distribution:
+    """The prior N(0, I) in ``dim`` dimensions on ``like``'s device and dtype (one object per setting)."""
+    return _standard_normal(dim, like.device, like.dtype)
+
+
 def data_plate(x: torch.Tensor, num_data: int | None, name: str = "data") -> pyro.plate:
     """The plate over datapoints: a minibatch of ``len(x)`` out of ``num_data`` (default: all of them)."""
     return pyro.plate(name, num_data or len(x), subsample=_indices(len(x), x.device))
@@ -84,7 +89,7 @@ class VAE(nn.Module):
 
     def prior(self, like: torch.Tensor) -> dist.Distribution:
         """p(z) = N(0, I), on the device and dtype of ``like``."""
-        return _standard_normal(self.z_dim, like.device, like.dtype)
+        return standard_normal(self.z_dim, like)
 
     def model(self, x: torch.Tensor, num_data: int | None = None) -> None:
         register(f"{self.name}.decoder", self.decoder)  # each program registers only what it uses

@@ -31,8 +31,8 @@ from torch import nn
 
 from .errors import PyrovaeError
 from .gmm import GMM
-from .models import VAE, data_plate, register
-from .nets import _mlp
+from .models import VAE, data_plate, register, standard_normal
+from .nets import _mlp, normal_head
 from .paramstore import fresh_param_store
 
 CODES = ("sample", "mean")
@@ -193,16 +193,15 @@ class LatentVAE(nn.Module):
         register(f"{self.name}.decoder", self.decoder)
         register(f"{self.name}.noise", self.noise)
         with data_plate(z, num_data):
-            zeros = z.new_zeros(self.u_dim)
-            u = pyro.sample("u", dist.Normal(zeros, zeros + 1).to_event(1))
+            u = pyro.sample("u", standard_normal(self.u_dim, z))
             scale = (0.5 * self.log_gamma).exp()
             pyro.sample("z", dist.Normal(self.decoder(u), scale).to_event(1), obs=z)
 
     def guide(self, z: torch.Tensor, num_data: int | None = None) -> None:
         register(f"{self.name}.encoder", self.encoder)
         with data_plate(z, num_data):
-            loc, log_scale = self.encoder(z).chunk(2, dim=-1)
-            pyro.sample("u", dist.Normal(loc, log_scale.exp()).to_event(1))
+            loc, scale = normal_head(self.encoder(z))
+            pyro.sample("u", dist.Normal(loc, scale).to_event(1))
 
     @torch.no_grad()
     def sample(self, n: int, like: torch.Tensor, noise: bool = True) -> torch.Tensor:

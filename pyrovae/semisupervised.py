@@ -34,8 +34,8 @@ from torch import nn
 
 from .errors import PyrovaeError
 from .likelihoods import Likelihood, make_likelihood
-from .models import data_plate, register
-from .nets import _mlp
+from .models import data_plate, register, standard_normal
+from .nets import _mlp, normal_head
 from .paramstore import fresh_param_store
 
 
@@ -99,16 +99,14 @@ class M2(nn.Module):
         first = self.encoder[0]
         d = flat.shape[-1]
         h = F.linear(flat, first.weight[:, :d], first.bias) + first.weight[:, d:].T[y]
-        loc, log_scale = self.encoder[1:](h).chunk(2, dim=-1)
-        return loc, log_scale.exp()
+        return normal_head(self.encoder[1:](h))
 
     def decode(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The decoder's output (..., k*C, H, W) for codes ``z`` and labels ``y``."""
         return self.decoder(_cat(z, self.one_hot(y, z))).unflatten(-1, self.out_shape)
 
     def prior_z(self, like: torch.Tensor) -> dist.Distribution:
-        zeros = like.new_zeros(self.z_dim)
-        return dist.Normal(zeros, zeros + 1).to_event(1)
+        return standard_normal(self.z_dim, like)
 
     def prior_y(self, like: torch.Tensor) -> dist.Distribution:
         return dist.Categorical(logits=like.new_zeros(self.n_classes))
