@@ -37,6 +37,7 @@ from .evaluate import log_likelihood, pareto_khat
 from .inference_data import from_draws, group, make_idata, scalar_attrs, summary, write_idata
 from .models import data_plate
 from .paramstore import fresh_param_store
+from .reports import fmt, markdown_table
 from .train import FitResult, fit
 
 
@@ -434,22 +435,24 @@ def gap_run(
 
 
 def _markdown(s: dict[str, Any]) -> str:
-    f = lambda v, spec=".2f": "n/a" if v is None else format(v, spec)  # noqa: E731
-    pm = lambda key: f"{f(s[key])} ± {f(s[key + '_sem'])}"  # noqa: E731
+    pm = lambda key: f"{fmt(s[key])} ± {fmt(s[key + '_sem'])}"  # noqa: E731
     lines = [
         f"# Inference gap of {s['run']}",
         "",
         f"{s['n']} {s['split']} images; q* fitted per image by {s['svi_steps']} SVI steps (decoder frozen); "
         f"K = {s['k']} importance samples per proposal. Nats per image, ± the standard error over images.",
         "",
-        "| quantity | value |",
-        "| --- | --- |",
-        f"| log p̂(x), q* as proposal | {pm('log_likelihood')} |",
-        f"| log p̂(x), q as proposal | {pm('log_likelihood_q')} |",
-        f"| L[q*] (local Gaussian) | {pm('elbo_qstar')} (MC error {f(s['elbo_qstar_mc_se'], '.3f')}) |",
-        f"| L[q] (amortised encoder) | {pm('elbo_q')} (MC error {f(s['elbo_q_mc_se'], '.3f')}) |",
-        f"| approximation gap log p̂ - L[q*] | {pm('approximation_gap')} |",
-        f"| amortisation gap L[q*] - L[q] | {pm('amortization_gap')} |",
+        *markdown_table(
+            ["quantity", "value"],
+            [
+                ["log p̂(x), q* as proposal", pm("log_likelihood")],
+                ["log p̂(x), q as proposal", pm("log_likelihood_q")],
+                ["L[q*] (local Gaussian)", f"{pm('elbo_qstar')} (MC error {fmt(s['elbo_qstar_mc_se'], '.3f')})"],
+                ["L[q] (amortised encoder)", f"{pm('elbo_q')} (MC error {fmt(s['elbo_q_mc_se'], '.3f')})"],
+                ["approximation gap log p̂ - L[q*]", pm("approximation_gap")],
+                ["amortisation gap L[q*] - L[q]", pm("amortization_gap")],
+            ],
+        ),
         "",
         f"q* beats q on {s['qstar_better_fraction']:.0%} of the images; Pareto k̂ > 0.7 for "
         f"{s['khat_qstar_bad']:.0%} (q*) and {s['khat_q_bad']:.0%} (q) of them. log p̂ is biased low, so the "
@@ -465,14 +468,14 @@ def _markdown(s: dict[str, Any]) -> str:
             "Errors of q and q* against the NUTS posterior: RMS over latent dims of (loc - mean)/sd, and the "
             "geometric mean of scale/sd (1 is exact; below 1 is the usual under-dispersion).",
             "",
-            "| image | R̂ max | ESS bulk min | q mean error | q sd ratio | q* mean error | q* sd ratio |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
         ]
-        for r in nuts["per_point"]:
-            lines.append(
-                f"| {r['point']} | {f(r['r_hat_max'], '.3f')} | {r['ess_bulk_min']:.0f} | {r['q_mean_error']:.3f} | "
-                f"{r['q_sd_ratio']:.3f} | {r['qstar_mean_error']:.3f} | {r['qstar_sd_ratio']:.3f} |"
-            )
+        header = ["image", "R̂ max", "ESS bulk min", "q mean error", "q sd ratio", "q* mean error", "q* sd ratio"]
+        rows = [
+            [r["point"], fmt(r["r_hat_max"], ".3f"), f"{r['ess_bulk_min']:.0f}"]
+            + [f"{r[k]:.3f}" for k in ("q_mean_error", "q_sd_ratio", "qstar_mean_error", "qstar_sd_ratio")]
+            for r in nuts["per_point"]
+        ]
+        lines += markdown_table(header, rows)
         lines += ["", nuts.get("note", "R̂ < 1.01 and bulk ESS > 400 are the usual marks of a trustworthy run."), ""]
     return "\n".join(lines)
 

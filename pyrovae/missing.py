@@ -37,6 +37,7 @@ from .likelihoods import Likelihood
 from .models import VAE, data_plate, register, vae_parts
 from .nets import ACTIVATIONS, PRESETS, Arch
 from .paramstore import forget_module
+from .reports import fmt, markdown_table
 from .runs import arch_from_config
 
 MASK_KINDS = ("random", "top-half", "mix")
@@ -452,7 +453,6 @@ def complete_run(
 
 
 def _markdown(s: dict[str, Any]) -> str:
-    f = lambda v, spec=".2f": "n/a" if v is None else format(v, spec)  # noqa: E731
     mask = s["mask"] + (f" (rate {s['rate']})" if s["rate"] is not None else "")
     lines = [
         f"# Completion of missing pixels, {s['run']}",
@@ -460,16 +460,25 @@ def _markdown(s: dict[str, Any]) -> str:
         f"{s['n']} {s['split']} images, mask {mask}, {s['missing_per_image']:.1f} missing values per image; "
         f"K = {s['k']} draws of q(z|x_obs, m). Trained with mask {s['trained_on']['mask']}.",
         "",
-        "| quantity | nats per image | nats per missing pixel |",
-        "| --- | --- | --- |",
-        f"| log p(x_miss \\| x_obs), SNIS | {f(s['log_p_missing'])} ± {f(s['log_p_missing_sem'])} | "
-        f"{f(s['log_p_missing_per_pixel'], '.4f')} |",
-        f"| baseline: per-pixel training fit | {f(s['baseline_log_p_missing'])} | "
-        f"{f(s['baseline_log_p_missing_per_pixel'], '.4f')} |",
-        f"| improvement over the baseline | {f(s['improvement'])} ± {f(s['improvement_sem'])} | |",
+        *markdown_table(
+            ["quantity", "nats per image", "nats per missing pixel"],
+            [
+                [
+                    "log p(x_miss \\| x_obs), SNIS",
+                    f"{fmt(s['log_p_missing'])} ± {fmt(s['log_p_missing_sem'])}",
+                    fmt(s["log_p_missing_per_pixel"], ".4f"),
+                ],
+                [
+                    "baseline: per-pixel training fit",
+                    fmt(s["baseline_log_p_missing"]),
+                    fmt(s["baseline_log_p_missing_per_pixel"], ".4f"),
+                ],
+                ["improvement over the baseline", f"{fmt(s['improvement'])} ± {fmt(s['improvement_sem'])}", ""],
+            ],
+        ),
         "",
-        f"log p̂(x_obs) {f(s['log_p_observed'])}; mean ESS of the weights {f(s['ess_mean'], '.1f')} of {s['k']} "
-        f"(min {f(s['ess_min'], '.1f')}); delta-method bias of the SNIS estimate {f(s['snis_bias_estimate'], '.3f')} "
+        f"log p̂(x_obs) {fmt(s['log_p_observed'])}; mean ESS of the weights {fmt(s['ess_mean'], '.1f')} of {s['k']} "
+        f"(min {fmt(s['ess_min'], '.1f')}); delta-method bias of the SNIS estimate {fmt(s['snis_bias_estimate'], '.3f')} "
         "nats/image (negative: an underestimate). ± is the standard error over images.",
         "",
         "The SNIS estimate log Σ_k w̄_k p(x_miss|z_k) is consistent as K grows but biased at finite K; "

@@ -34,6 +34,7 @@ from .gmm import GMM
 from .models import VAE, data_plate, register, standard_normal
 from .nets import _mlp, normal_head
 from .paramstore import fresh_param_store
+from .reports import fmt, markdown_table
 
 CODES = ("sample", "mean")
 
@@ -515,29 +516,24 @@ def _referee_log_p(referee: VAE, x: torch.Tensor, k: int) -> torch.Tensor:
         return log_likelihood(referee.model, referee.guide, x, num_samples=k).double()
 
 
-def _fmt(v: float | None, spec: str = ".4f") -> str:
-    return "n/a" if v is None else format(v, spec)
-
-
 def _markdown(s: dict[str, Any]) -> str:
     ref = s["referee"]
     lines = [
         f"# Samples from {s['run']} ({s['dataset']}, {s['likelihood']} decoder)",
         "",
         f"{s['n']} images per sampler, scored against the first {s['n_test']} test images. "
-        f"{s['codes_note'][0].upper() + s['codes_note'][1:]}. Stage-1 γ = {_fmt(s['stage1_gamma'], '.4g')}, "
+        f"{s['codes_note'][0].upper() + s['codes_note'][1:]}. Stage-1 γ = {fmt(s['stage1_gamma'], '.4g')}, "
         f"stage-2 γ₂ = {s['stage2']['gamma2']:.4g}.",
         "",
-        "| sampler | MMD² pixels | MMD² referee features | MMD² stage-1 codes | referee log p(x) ± s.e. |",
-        "|---|---|---|---|---|",
     ]
+    rows = []
     for r in s["samplers"].values():
         lp = r.get("referee_log_likelihood")
         lp_text = f"{lp:.1f} ± {r['referee_log_likelihood_sem']:.1f}" if lp is not None else "n/a"
-        lines.append(
-            f"| {r['label']} | {_fmt(r.get('mmd2_pixels'))} | {_fmt(r.get('mmd2_referee'))} | "
-            f"{_fmt(r.get('mmd2_latent'))} | {lp_text} |"
-        )
+        mmd = [fmt(r.get(f"mmd2_{f}"), ".4f") for f in ("pixels", "referee", "latent")]
+        rows.append([r["label"], *mmd, lp_text])
+    header = ["sampler", "MMD² pixels", "MMD² referee features", "MMD² stage-1 codes", "referee log p(x) ± s.e."]
+    lines += markdown_table(header, rows)
     lines += [
         "",
         f"Referee: {ref['model']} in `{ref['run']}`; importance-sampled log p(x) with K={ref['k']}; "

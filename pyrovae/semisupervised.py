@@ -37,6 +37,7 @@ from .likelihoods import Likelihood, make_likelihood
 from .models import data_plate, register, standard_normal
 from .nets import _mlp, normal_head
 from .paramstore import fresh_param_store
+from .reports import markdown_table
 
 
 def _cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -451,12 +452,25 @@ def _markdown(s: dict[str, Any]) -> str:
         f"{s['n_unlabelled']} unlabelled training images, {s['n_test']} test images; {s['epochs']} epochs "
         f"({s['steps']} steps of {st['batch_size']} unlabelled + {st['labelled_batch']} labelled images).",
         "",
-        "| classifier q(y\\|x) | test accuracy | test error | trained on | seconds |",
-        "|---|---|---|---|---|",
-        f"| M2 | {m2['test_accuracy']:.4f} | {m2['test_error']:.4f} | {s['labels']} labelled + "
-        f"{s['n_unlabelled']} unlabelled | {m2['seconds']:.0f} |",
-        f"| supervised baseline | {base['test_accuracy']:.4f} | {base['test_error']:.4f} | {s['labels']} labelled "
-        f"only, {base['steps']} cross-entropy steps | {base['seconds']:.0f} |",
+        *markdown_table(
+            ["classifier q(y\\|x)", "test accuracy", "test error", "trained on", "seconds"],
+            [
+                [
+                    "M2",
+                    f"{m2['test_accuracy']:.4f}",
+                    f"{m2['test_error']:.4f}",
+                    f"{s['labels']} labelled + {s['n_unlabelled']} unlabelled",
+                    f"{m2['seconds']:.0f}",
+                ],
+                [
+                    "supervised baseline",
+                    f"{base['test_accuracy']:.4f}",
+                    f"{base['test_error']:.4f}",
+                    f"{s['labels']} labelled only, {base['steps']} cross-entropy steps",
+                    f"{base['seconds']:.0f}",
+                ],
+            ],
+        ),
         "",
         f"Both classifiers: MLP {hidden} softplus, the same initial weights and examples; Adam lr {st['lr']}. "
         f"M2: z of {st['z_dim']}, {st['likelihood']} decoder ({st['binarize']} binarisation), "
