@@ -19,7 +19,7 @@ from typing import Any
 from . import __version__, distributed
 from .data import BINARIZE, DATASETS
 from .errors import NonFiniteLoss, PyrovaeError, PyrovaeWarning
-from .files import RunLock
+from .files import RunLock, remove_files
 from .hostmem import keep_freed_memory
 from .infer import ESTIMATORS, check_alpha
 from .likelihoods import LIKELIHOODS
@@ -273,8 +273,7 @@ def check_run_folder(args: argparse.Namespace) -> Path:
 
 def remove_derived(out: Path) -> None:
     """Remove results of a replaced run (evaluations, figures) so that none describes the new one."""
-    for name in DERIVED_FILES:
-        (out / name).unlink(missing_ok=True)
+    remove_files(out, DERIVED_FILES)
 
 
 def _checked_config(args: argparse.Namespace) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from pyro.poutine.util import site_is_subsample
 
 from .errors import PyrovaeError
 from .evaluate import ACTIVE_THRESHOLD, bits_per_dim, evaluate_points
-from .files import atomic_write, write_json, write_text
+from .files import atomic_write, remove_files, write_json, write_text
 from .gmm import GMM
 from .reports import fmt, markdown_table
 from .runs import DEFAULTS, read_config, resolve_device, train_vae
@@ -240,8 +240,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     resolve_device(args.device)  # fail early on a bad device
     out.mkdir(parents=True, exist_ok=True)
     for sub in ("vae", "gmm"):
-        for name in ("checkpoint.pt", "metrics.csv", "config.json"):
-            (out / sub / name).unlink(missing_ok=True)
+        remove_files(out / sub)
 
     # -- the VAE: loaded from a run folder, or trained here on the representation's data
     if args.vae_run:

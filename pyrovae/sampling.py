@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .errors import PyrovaeError
+from .files import remove_files
 from .gmm import GMM
 from .models import VAE, data_plate, register, standard_normal
 from .nets import _mlp, normal_head
@@ -371,8 +372,7 @@ def _referee(run_dir: Path, cfg: dict[str, Any], referee_run: str | None, epochs
         if all(saved.get(k) == ref_cfg.get(k) for k in ("seed", "epochs", "dataset", "likelihood", "arch")):
             _, _, ref = load_run(folder, device)
             return ref, str(folder), saved
-        for name in ("checkpoint.pt", "metrics.csv", "config.json"):
-            (folder / name).unlink(missing_ok=True)
+        remove_files(folder)
     with fresh_param_store():
         _, ref, _ = train_vae(ref_cfg, folder, quiet=quiet)
     return ref, str(folder), ref_cfg
