@@ -40,6 +40,10 @@ class Strategy:
         """This rank's indices at ``step``."""
         return ddp.shard(perm, step, batch_size, self.world)
 
+    def split(self, indices: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous share of ``indices`` (for evaluation: every datapoint once over all ranks)."""
+        return indices.tensor_split(self.size)[self.rank]
+
     def seed(self, perm_seed: int | None, saved_size: int, resumed: bool, epoch: int) -> int | None:
         """The seed of the shared permutations; each rank's own draws seeded apart (unless resumed exactly)."""
         if self.size > 1 or saved_size != self.size:

@@ -8,11 +8,11 @@ from contextlib import nullcontext
 import torch
 from pyro.infer import ELBO
 
-from .. import distributed as ddp
 from ..data import Dataset
 from ..handlers import DataScale, bind_num_data, minibatch_scale
 from ..infer import MeanField
 from .program import as_args, device_of
+from .strategy import Strategy, current_strategy
 
 
 @torch.no_grad()
@@ -34,10 +34,10 @@ def evaluate_elbo(
     elbo = elbo or MeanField()
     n = len(data)
     device = device_of(data)
-    w = ddp.world() if distributed else ddp.World()
+    strategy = current_strategy() if distributed else Strategy()
     model, guide, kwargs = bind_num_data(model, guide, n)
     total, scale = 0.0, None
-    for idx in torch.arange(n, device=device).tensor_split(w.size)[w.rank].split(batch_size):
+    for idx in strategy.split(torch.arange(n, device=device)).split(batch_size):
         if len(idx) == 0:  # fewer datapoints than ranks
             continue
         args = as_args(data.batch(idx))
@@ -47,6 +47,4 @@ def evaluate_elbo(
             ) or nullcontext()
         with scale:
             total += float(elbo.loss(model, guide, *args, **kwargs)) * (len(idx) / n)
-    if w.size > 1:
-        total = float(ddp.all_sum(total))
-    return -total / n
+    return -strategy.sum(total) / n
