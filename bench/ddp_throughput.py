@@ -26,6 +26,7 @@ from common import append_results, markdown_table  # noqa: E402
 
 from pyrovae import Pixels, build_vae, fit, load_dataset, make_splits, synthetic  # noqa: E402
 from pyrovae import distributed as ddp  # noqa: E402
+from pyrovae.hostmem import keep_freed_memory  # noqa: E402
 
 
 def _worker(rank: int, nproc: int, threads: int, port: int, args: argparse.Namespace, batch: int, out: str) -> None:
@@ -82,6 +83,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=100, help="per process, for the 1-process rows")
     p.add_argument("--epochs", type=int, default=3, help="the first is warm-up and not counted (if there are more)")
     args = p.parse_args()
+    keep_freed_memory()  # as the CLI does for training
     b = args.batch_size
     configs = [(1, 1, b), (1, 2, b), (2, 1, b), (2, 1, max(1, b // 2))]
     rows, base = [], {}

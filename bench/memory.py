@@ -57,8 +57,10 @@ def child_train(args: argparse.Namespace) -> dict:
     import torch  # noqa: F401
 
     import pyrovae
+    from pyrovae.hostmem import keep_freed_memory
 
     base = peak_mb()
+    keep_freed_memory()  # as the CLI does for training
     raw = pyrovae.load_dataset("fashion-mnist", args.data_dir)
     splits = pyrovae.make_splits(raw, pyrovae.Pixels("dynamic"), torch.device("cpu"), val_size=0)
     vae = pyrovae.build_vae(splits.train.shape, "bernoulli", "iwae", splits.train_pixel_mean)

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import append_results, markdown_table  # noqa: E402
 
 from pyrovae import Pixels, build_vae, fit, load_dataset, make_splits  # noqa: E402
+from pyrovae.hostmem import keep_freed_memory  # noqa: E402
 
 
 class ToTensorImages(torch.utils.data.Dataset):
@@ -81,6 +82,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for the recipe")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
+    keep_freed_memory()  # as the CLI does for training
     device = torch.device(args.device)
     raw = load_dataset("fashion-mnist", args.data_dir)
     splits = make_splits(raw, Pixels("none"), device, val_size=0)

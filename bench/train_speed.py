@@ -24,6 +24,7 @@ from common import append_results, markdown_table  # noqa: E402
 from plain_vae import plain_epoch  # noqa: E402
 
 from pyrovae import Pixels, build_vae, fit, load_dataset, make_splits, synthetic  # noqa: E402
+from pyrovae.hostmem import keep_freed_memory  # noqa: E402
 from pyrovae.runs import resolve_device  # noqa: E402
 
 
@@ -72,6 +73,7 @@ def main() -> None:
     p.add_argument("--train-size", type=int, default=None)
     p.add_argument("--device", default="auto")
     args = p.parse_args()
+    keep_freed_memory()  # as the CLI does for training
     device = resolve_device(args.device)
     raw = synthetic(n_train=6000) if args.dataset == "synthetic" else load_dataset(args.dataset, args.data_dir)
     splits = make_splits(

@@ -30,7 +30,9 @@ _EXPORTS = {  # name -> module: imported on first use, so that `import pyrovae` 
     "VAE": "models",
     "build_vae": "models",
     "load_run": "runs",
+    "Callback": "train",
     "FitResult": "train",
+    "TrainState": "train",
     "evaluate_elbo": "train",
     "fit": "train",
 }
@@ -38,6 +40,7 @@ _EXPORTS = {  # name -> module: imported on first use, so that `import pyrovae` 
 __all__ = [
     "ESTIMATORS",
     "LIKELIHOODS",
+    "Callback",
     "FitResult",
     "Fitted",
     "PointEvaluation",
@@ -47,6 +50,7 @@ __all__ = [
     "PyrovaeError",
     "RenyiBound",
     "TensorData",
+    "TrainState",
     "VAE",
     "build_vae",
     "compare",

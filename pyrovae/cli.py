@@ -19,8 +19,9 @@ from typing import Any
 from . import __version__, distributed
 from .data import BINARIZE, DATASETS
 from .errors import NonFiniteLoss, PyrovaeError, PyrovaeWarning
-from .files import RunLock
-from .infer import ESTIMATORS
+from .files import RunLock, remove_files
+from .hostmem import keep_freed_memory
+from .infer import ESTIMATORS, check_alpha
 from .likelihoods import LIKELIHOODS
 from .nets import ACTIVATIONS, PRESETS
 from .runs import DEFAULTS, MAX_SEED, read_config, resolve_device, train_vae
@@ -278,8 +279,7 @@ def check_run_folder(args: argparse.Namespace) -> Path:
 
 def remove_derived(out: Path) -> None:
     """Remove results of a replaced run (evaluations, figures) so that none describes the new one."""
-    for name in DERIVED_FILES:
-        (out / name).unlink(missing_ok=True)
+    remove_files(out, DERIVED_FILES)
 
 
 def _checked_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -289,8 +289,7 @@ def _checked_config(args: argparse.Namespace) -> dict[str, Any]:
         raise PyrovaeError(
             f"{out} was trained by 'pyrovae train-masked'; continue it with 'pyrovae train-masked --resume'"
         )
-    if cfg["elbo"] == "renyi" and cfg["alpha"] is None:
-        raise PyrovaeError("--elbo renyi needs --alpha (e.g. 0.5)")
+    check_alpha(cfg["elbo"], cfg["alpha"])
     return cfg
 
 
@@ -356,6 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for --nproc, which runs this command again
+    keep_freed_memory()  # a process-wide malloc setting: the command line's to make, not the library's
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _note

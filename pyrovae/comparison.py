@@ -32,8 +32,9 @@ from pyro.poutine.util import site_is_subsample
 
 from .errors import PyrovaeError
 from .evaluate import ACTIVE_THRESHOLD, bits_per_dim, evaluate_points
-from .files import atomic_write, write_json, write_text
+from .files import atomic_write, remove_files, write_json, write_text
 from .gmm import GMM
+from .reports import fmt, markdown_table
 from .runs import DEFAULTS, read_config, resolve_device, train_vae
 from .train import fit, load_checkpoint
 
@@ -239,8 +240,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     resolve_device(args.device)  # fail early on a bad device
     out.mkdir(parents=True, exist_ok=True)
     for sub in ("vae", "gmm"):
-        for name in ("checkpoint.pt", "metrics.csv", "config.json"):
-            (out / sub / name).unlink(missing_ok=True)
+        remove_files(out / sub)
 
     # -- the VAE: loaded from a run folder, or trained here on the representation's data
     if args.vae_run:
@@ -388,18 +388,17 @@ def _markdown(s: dict[str, Any]) -> str:
             else "."
         ),
         "",
-        f"| model | log p(x) nats/image | ± s.e. | {bpd} | how | NMI | ARI | accuracy | clusters from | parameters | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    header = ["model", "log p(x) nats/image", "± s.e.", bpd, "how", "NMI", "ARI", "accuracy", "clusters from"]
+    rows = []
     for r in s["models"].values():
         c = r["clustering"] or {}
-        lines.append(
-            f"| {r['model']} | {r['log_likelihood']:.2f} | {_fmt(r['log_likelihood_sem'], '.2f')} | "
-            f"{_fmt(r['bits_per_dim'], '.4f')} | {r['likelihood_kind']} | {_fmt(c.get('nmi'), '.3f')} | "
-            f"{_fmt(c.get('ari'), '.3f')} | {_fmt(c.get('accuracy'), '.3f')} | {c.get('source', 'n/a')} | "
-            f"{_fmt(r['parameters'], ',')} | {_fmt(r['train_seconds'], '.0f')} |"
+        rows.append(
+            [r["model"], f"{r['log_likelihood']:.2f}", fmt(r["log_likelihood_sem"]), fmt(r["bits_per_dim"], ".4f")]
+            + [r["likelihood_kind"], fmt(c.get("nmi"), ".3f"), fmt(c.get("ari"), ".3f"), fmt(c.get("accuracy"), ".3f")]
+            + [c.get("source", "n/a"), fmt(r["parameters"], ","), fmt(r["train_seconds"], ".0f")]
         )
-    lines.append("")
+    lines += [*markdown_table([*header, "parameters", "train s"], rows), ""]
     for name, r in s["models"].items():
         if r["likelihood_kind"] != "exact":
             gap = r["log_likelihood"] - r["elbo"]
@@ -410,10 +409,6 @@ def _markdown(s: dict[str, Any]) -> str:
         lines += [note, ""]
     lines += ["Settings: `" + json.dumps(s["settings"], default=str) + "`", ""]
     return "\n".join(lines)
-
-
-def _fmt(v: Any, spec: str) -> str:
-    return "n/a" if v is None else format(v, spec)
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:

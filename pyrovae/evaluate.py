@@ -36,8 +36,9 @@ from tqdm.auto import tqdm
 from .errors import PyrovaeError
 from .handlers import DATA_PLATE, sample_frames
 from .infer.renyi import PARTICLE_PLATE
-from .inference_data import make_idata, psis_khat
+from .inference_data import make_idata, psis_khat, scalar_attrs, write_idata
 from .models import parameters_collected
+from .reports import fmt, markdown_table
 
 KHAT_GOOD, KHAT_BAD = 0.5, 0.7
 EQUAL_WEIGHTS = 1e-4  # log-weights spread less than this: the weights are equal, k̂ is 0
@@ -791,8 +792,6 @@ def write_netcdf(path: Path, res: PointEvaluation, labels: torch.Tensor | None, 
     """Per-point results as an ArviZ object (InferenceData or DataTree; group ``evaluation``, dims point and latent), atomically."""
     import xarray as xr
 
-    from .files import atomic_path
-
     data_vars = {
         "log_likelihood": ("point", res.log_likelihood.double().numpy()),
         "elbo": ("point", res.elbo.double().numpy()),
@@ -804,15 +803,8 @@ def write_netcdf(path: Path, res: PointEvaluation, labels: torch.Tensor | None, 
         data_vars["label"] = ("point", labels.numpy())
     if res.z_mean is not None:
         data_vars["z_mean"] = (("point", "latent"), res.z_mean.double().numpy())
-    attrs = {k: v for k, v in summary.items() if isinstance(v, int | float | str) and not isinstance(v, bool)}
-    ds = xr.Dataset(data_vars, coords={"point": np.arange(len(res.log_likelihood))}, attrs=attrs)
-    idata = make_idata(evaluation=ds)
-    with atomic_path(path) as tmp:  # a fresh temporary name: a planted symlink cannot redirect the write
-        idata.to_netcdf(str(tmp))
-
-
-def _fmt(v: Any, spec: str = ".2f") -> str:
-    return "n/a" if v is None else format(v, spec)
+    ds = xr.Dataset(data_vars, coords={"point": np.arange(len(res.log_likelihood))}, attrs=scalar_attrs(summary))
+    write_idata(path, make_idata(evaluation=ds))
 
 
 def _write_markdown(path: Path, s: dict[str, Any]) -> None:
@@ -823,17 +815,25 @@ def _write_markdown(path: Path, s: dict[str, Any]) -> None:
         "",
         f"{s['n']} {s['split']} images, K = {s['k']} importance samples per image; nats per image.",
         "",
-        "| quantity | value |",
-        "| --- | --- |",
-        f"| log p(x) (importance sampled) | {_fmt(s['log_likelihood'])} ± {_fmt(s['log_likelihood_sem'])} (s.e.m.) |",
-        f"| ELBO | {_fmt(s['elbo'])} |",
-        f"| reconstruction E_q log p(x\\|z) | {_fmt(s['reconstruction'])} |",
-        f"| KL(q(z\\|x) \\|\\| p(z)) | {_fmt(s['kl'])} |",
-        f"| gap log p - ELBO | {_fmt(s['gap'])} |",
-        f"| bits/dim | {_fmt(s['bits_per_dim'], '.4f')} ({s['bits_per_dim_kind']}) |",
-        f"| active units | {s['active_units']} of {s['latent_dims']} |",
-        f"| Pareto k̂ < 0.5 / 0.5-0.7 / > 0.7 | {_fmt(s['khat_good'], '.1%')} / {_fmt(s['khat_ok'], '.1%')} / "
-        f"{_fmt(s['khat_bad'], '.1%')} |",
+        *markdown_table(
+            ["quantity", "value"],
+            [
+                [
+                    "log p(x) (importance sampled)",
+                    f"{fmt(s['log_likelihood'])} ± {fmt(s['log_likelihood_sem'])} (s.e.m.)",
+                ],
+                ["ELBO", fmt(s["elbo"])],
+                ["reconstruction E_q log p(x\\|z)", fmt(s["reconstruction"])],
+                ["KL(q(z\\|x) \\|\\| p(z))", fmt(s["kl"])],
+                ["gap log p - ELBO", fmt(s["gap"])],
+                ["bits/dim", f"{fmt(s['bits_per_dim'], '.4f')} ({s['bits_per_dim_kind']})"],
+                ["active units", f"{s['active_units']} of {s['latent_dims']}"],
+                [
+                    "Pareto k̂ < 0.5 / 0.5-0.7 / > 0.7",
+                    f"{fmt(s['khat_good'], '.1%')} / {fmt(s['khat_ok'], '.1%')} / {fmt(s['khat_bad'], '.1%')}",
+                ],
+            ],
+        ),
         "",
     ]
     if s["khat_bad"]:
@@ -884,8 +884,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not args.quiet:
         bpd = f", {s['bits_per_dim']:.4f} bits/dim" if s["bits_per_dim"] is not None else ""
         print(
-            f"log p(x) {s['log_likelihood']:.2f} ± {_fmt(s['log_likelihood_sem'])}{bpd}, ELBO {s['elbo']:.2f} "
+            f"log p(x) {s['log_likelihood']:.2f} ± {fmt(s['log_likelihood_sem'])}{bpd}, ELBO {s['elbo']:.2f} "
             f"nats/image over {s['n']} {s['split']} images (K={s['k']}); k̂ > 0.7 for "
-            f"{_fmt(s['khat_bad'], '.1%')}; written to {Path(args.run_dir) / 'eval.json'}"
+            f"{fmt(s['khat_bad'], '.1%')}; written to {Path(args.run_dir) / 'eval.json'}"
         )
     return 0

@@ -17,7 +17,7 @@ import pickle
 import re
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import numpy as np
 from .errors import PyrovaeError
 
 LOCK_NAME = ".lock"
+TRAINING_FILES = ("checkpoint.pt", "metrics.csv", "config.json")  # what fit writes into a run folder
 TEMP_SUFFIX = ".tmp"
 _TEMP_NAME = re.compile(r"\..+\.(\d+)\.[A-Za-z0-9_]+\.tmp")  # .NAME.PID.RANDOM.tmp, as _fresh_temp makes them
 # numpy's own reconstructor, whatever module it lives in (numpy.core in 1.x, numpy._core in 2.x)
@@ -117,6 +118,12 @@ def save_figure(fig: Any, path: str | Path, **kwargs: Any) -> Path:
     fig.savefig(buf, format="png", **kwargs)
     atomic_write(path, buf.getvalue())
     return Path(path)
+
+
+def remove_files(folder: str | Path, names: Sequence[str] = TRAINING_FILES) -> None:
+    """Remove the files ``names`` (by default a trained run's) from ``folder``, those that are there."""
+    for name in names:
+        (Path(folder) / name).unlink(missing_ok=True)
 
 
 def _pid_alive(pid: int) -> bool:

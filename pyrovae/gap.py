@@ -34,8 +34,10 @@ from torch import nn
 from .data import TensorData
 from .errors import PyrovaeError
 from .evaluate import log_likelihood, pareto_khat
-from .inference_data import from_draws, group, make_idata, summary
+from .inference_data import from_draws, group, make_idata, scalar_attrs, summary, write_idata
 from .models import data_plate
+from .paramstore import fresh_param_store
+from .reports import fmt, markdown_table
 from .train import FitResult, fit
 
 
@@ -97,7 +99,7 @@ def fit_local(
         loc0, scale0 = init if init is not None else vae.encoder(x)
     idx = torch.arange(len(x), device=x.device)
     guide = local_guide(loc0, scale0)
-    with frozen(vae):
+    with frozen(vae), fresh_param_store():  # the per-datapoint q* stays out of the caller's param store
         result = fit(
             decoder_model(vae),
             guide,
@@ -111,10 +113,7 @@ def fit_local(
             seed=seed,
             quiet=True,
         )
-    loc = pyro.param("local.loc").detach().clone()
-    scale = pyro.param("local.scale").detach().clone()
-    pyro.clear_param_store()
-    return loc, scale, result
+    return result.params["local.loc"], result.params["local.scale"], result
 
 
 def proposal_guide(x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> None:
@@ -309,8 +308,6 @@ def write_posterior(path: Path, idata, res: GapResult, points: int, attrs: dict[
     """The NUTS draws plus a ``variational`` group (q and q* loc/scale of the same points), as netCDF, atomically."""
     import xarray as xr
 
-    from .files import atomic_path
-
     dims = ("point", "latent")
     ds = xr.Dataset(
         {
@@ -320,11 +317,10 @@ def write_posterior(path: Path, idata, res: GapResult, points: int, attrs: dict[
             "qstar_scale": (dims, res.qstar_scale[:points].double().numpy()),
         },
         coords={"point": np.arange(points), "latent": np.arange(res.q_loc.shape[1])},
-        attrs={k: v for k, v in attrs.items() if isinstance(v, int | float | str) and not isinstance(v, bool)},
+        attrs=scalar_attrs(attrs),
     )
     out = make_idata(posterior=group(idata, "posterior"), sample_stats=group(idata, "sample_stats"), variational=ds)
-    with atomic_path(path) as tmp:  # a fresh temporary name: a planted symlink cannot redirect the write
-        out.to_netcdf(str(tmp))
+    write_idata(path, out)
 
 
 # ------------------------------------------------------------------------------------------ run folder
@@ -439,22 +435,24 @@ def gap_run(
 
 
 def _markdown(s: dict[str, Any]) -> str:
-    f = lambda v, spec=".2f": "n/a" if v is None else format(v, spec)  # noqa: E731
-    pm = lambda key: f"{f(s[key])} ± {f(s[key + '_sem'])}"  # noqa: E731
+    pm = lambda key: f"{fmt(s[key])} ± {fmt(s[key + '_sem'])}"  # noqa: E731
     lines = [
         f"# Inference gap of {s['run']}",
         "",
         f"{s['n']} {s['split']} images; q* fitted per image by {s['svi_steps']} SVI steps (decoder frozen); "
         f"K = {s['k']} importance samples per proposal. Nats per image, ± the standard error over images.",
         "",
-        "| quantity | value |",
-        "| --- | --- |",
-        f"| log p̂(x), q* as proposal | {pm('log_likelihood')} |",
-        f"| log p̂(x), q as proposal | {pm('log_likelihood_q')} |",
-        f"| L[q*] (local Gaussian) | {pm('elbo_qstar')} (MC error {f(s['elbo_qstar_mc_se'], '.3f')}) |",
-        f"| L[q] (amortised encoder) | {pm('elbo_q')} (MC error {f(s['elbo_q_mc_se'], '.3f')}) |",
-        f"| approximation gap log p̂ - L[q*] | {pm('approximation_gap')} |",
-        f"| amortisation gap L[q*] - L[q] | {pm('amortization_gap')} |",
+        *markdown_table(
+            ["quantity", "value"],
+            [
+                ["log p̂(x), q* as proposal", pm("log_likelihood")],
+                ["log p̂(x), q as proposal", pm("log_likelihood_q")],
+                ["L[q*] (local Gaussian)", f"{pm('elbo_qstar')} (MC error {fmt(s['elbo_qstar_mc_se'], '.3f')})"],
+                ["L[q] (amortised encoder)", f"{pm('elbo_q')} (MC error {fmt(s['elbo_q_mc_se'], '.3f')})"],
+                ["approximation gap log p̂ - L[q*]", pm("approximation_gap")],
+                ["amortisation gap L[q*] - L[q]", pm("amortization_gap")],
+            ],
+        ),
         "",
         f"q* beats q on {s['qstar_better_fraction']:.0%} of the images; Pareto k̂ > 0.7 for "
         f"{s['khat_qstar_bad']:.0%} (q*) and {s['khat_q_bad']:.0%} (q) of them. log p̂ is biased low, so the "
@@ -470,14 +468,14 @@ def _markdown(s: dict[str, Any]) -> str:
             "Errors of q and q* against the NUTS posterior: RMS over latent dims of (loc - mean)/sd, and the "
             "geometric mean of scale/sd (1 is exact; below 1 is the usual under-dispersion).",
             "",
-            "| image | R̂ max | ESS bulk min | q mean error | q sd ratio | q* mean error | q* sd ratio |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
         ]
-        for r in nuts["per_point"]:
-            lines.append(
-                f"| {r['point']} | {f(r['r_hat_max'], '.3f')} | {r['ess_bulk_min']:.0f} | {r['q_mean_error']:.3f} | "
-                f"{r['q_sd_ratio']:.3f} | {r['qstar_mean_error']:.3f} | {r['qstar_sd_ratio']:.3f} |"
-            )
+        header = ["image", "R̂ max", "ESS bulk min", "q mean error", "q sd ratio", "q* mean error", "q* sd ratio"]
+        rows = [
+            [r["point"], fmt(r["r_hat_max"], ".3f"), f"{r['ess_bulk_min']:.0f}"]
+            + [f"{r[k]:.3f}" for k in ("q_mean_error", "q_sd_ratio", "qstar_mean_error", "qstar_sd_ratio")]
+            for r in nuts["per_point"]
+        ]
+        lines += markdown_table(header, rows)
         lines += ["", nuts.get("note", "R̂ < 1.01 and bulk ESS > 400 are the usual marks of a trustworthy run."), ""]
     return "\n".join(lines)
 

@@ -5,9 +5,10 @@ twice its largest recent block (unless a live block above them pins them). A CPU
 1000 frees some 30 MB of activations and gradients at its end, and in training processes here every step
 faulted ~2000 fresh pages back in: measured (bench/host_memory.py), a hand-written
 PyTorch step at batch 1000 took 22-26 ms with glibc's defaults and 19-22 ms with the thresholds below
-(batches of 100-256 fault little either way). ``fit`` calls :func:`keep_freed_memory` when it trains on
-a CPU; the process then keeps up to ``trim_mb`` of freed memory (its peak is unchanged).
-Set ``PYROVAE_KEEP_FREED_MEMORY=0`` to leave malloc as it is.
+(batches of 100-256 fault little either way). A process-wide setting, so opt-in: the ``pyrovae`` command
+calls :func:`keep_freed_memory` at its start, and a library user may call it before ``fit``; the process
+then keeps up to ``trim_mb`` of freed memory (its peak is unchanged).
+Set ``PYROVAE_KEEP_FREED_MEMORY=0`` to leave malloc as it is (the command too).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import warnings
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +89,20 @@ def summary(idata: Any, var_names: list[str]):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return _arviz().summary(idata, var_names=var_names, kind="all", round_to="none")
+
+
+def scalar_attrs(values: dict[str, Any]) -> dict[str, Any]:
+    """The entries netCDF can hold as attributes: numbers and strings (booleans left out)."""
+    return {k: v for k, v in values.items() if isinstance(v, int | float | str) and not isinstance(v, bool)}
+
+
+def write_idata(path: str | Path, idata: Any) -> None:
+    """``idata`` (InferenceData or DataTree) as netCDF, atomically under a fresh temporary name (a planted
+    symlink cannot redirect the write)."""
+    from .files import atomic_path
+
+    with atomic_path(path) as tmp:
+        idata.to_netcdf(str(tmp))
 
 
 def read_netcdf(path: str) -> Any:

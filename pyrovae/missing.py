@@ -32,9 +32,12 @@ from torch import nn
 from .data import ImageData, Splits
 from .errors import PyrovaeError
 from .evaluate import importance_draws, log_likelihood
+from .infer import check_alpha
 from .likelihoods import Likelihood
 from .models import VAE, data_plate, register, vae_parts
 from .nets import ACTIVATIONS, PRESETS, Arch
+from .paramstore import forget_module
+from .reports import fmt, markdown_table
 from .runs import arch_from_config
 
 MASK_KINDS = ("random", "top-half", "mix")
@@ -371,7 +374,7 @@ def load_masked_run(run_dir: str | Path, device: str = "auto") -> tuple[dict[str
     splits = load_splits(cfg, dev)
     vae = build_masked_model(cfg, splits)
     load_module_params(vae, vae.name, run_dir, dev)
-    pyro.clear_param_store()
+    forget_module(vae.name)  # the store's entries of this name are another model's
     return cfg, splits, vae
 
 
@@ -450,7 +453,6 @@ def complete_run(
 
 
 def _markdown(s: dict[str, Any]) -> str:
-    f = lambda v, spec=".2f": "n/a" if v is None else format(v, spec)  # noqa: E731
     mask = s["mask"] + (f" (rate {s['rate']})" if s["rate"] is not None else "")
     lines = [
         f"# Completion of missing pixels, {s['run']}",
@@ -458,16 +460,25 @@ def _markdown(s: dict[str, Any]) -> str:
         f"{s['n']} {s['split']} images, mask {mask}, {s['missing_per_image']:.1f} missing values per image; "
         f"K = {s['k']} draws of q(z|x_obs, m). Trained with mask {s['trained_on']['mask']}.",
         "",
-        "| quantity | nats per image | nats per missing pixel |",
-        "| --- | --- | --- |",
-        f"| log p(x_miss \\| x_obs), SNIS | {f(s['log_p_missing'])} ± {f(s['log_p_missing_sem'])} | "
-        f"{f(s['log_p_missing_per_pixel'], '.4f')} |",
-        f"| baseline: per-pixel training fit | {f(s['baseline_log_p_missing'])} | "
-        f"{f(s['baseline_log_p_missing_per_pixel'], '.4f')} |",
-        f"| improvement over the baseline | {f(s['improvement'])} ± {f(s['improvement_sem'])} | |",
+        *markdown_table(
+            ["quantity", "nats per image", "nats per missing pixel"],
+            [
+                [
+                    "log p(x_miss \\| x_obs), SNIS",
+                    f"{fmt(s['log_p_missing'])} ± {fmt(s['log_p_missing_sem'])}",
+                    fmt(s["log_p_missing_per_pixel"], ".4f"),
+                ],
+                [
+                    "baseline: per-pixel training fit",
+                    fmt(s["baseline_log_p_missing"]),
+                    fmt(s["baseline_log_p_missing_per_pixel"], ".4f"),
+                ],
+                ["improvement over the baseline", f"{fmt(s['improvement'])} ± {fmt(s['improvement_sem'])}", ""],
+            ],
+        ),
         "",
-        f"log p̂(x_obs) {f(s['log_p_observed'])}; mean ESS of the weights {f(s['ess_mean'], '.1f')} of {s['k']} "
-        f"(min {f(s['ess_min'], '.1f')}); delta-method bias of the SNIS estimate {f(s['snis_bias_estimate'], '.3f')} "
+        f"log p̂(x_obs) {fmt(s['log_p_observed'])}; mean ESS of the weights {fmt(s['ess_mean'], '.1f')} of {s['k']} "
+        f"(min {fmt(s['ess_min'], '.1f')}); delta-method bias of the SNIS estimate {fmt(s['snis_bias_estimate'], '.3f')} "
         "nats/image (negative: an underestimate). ± is the standard error over images.",
         "",
         "The SNIS estimate log Σ_k w̄_k p(x_miss|z_k) is consistent as K grows but biased at finite K; "
@@ -573,8 +584,7 @@ def _train_masked_locked(args: argparse.Namespace) -> int:
             raise PyrovaeError(f"--resume continues the saved run; these options differ from it: {', '.join(changed)}")
     else:
         cfg = {**cfg, "mask": args.mask or "mix", "mask_rate": 0.5 if args.rate is None else args.rate}
-    if cfg["elbo"] == "renyi" and cfg["alpha"] is None:
-        raise PyrovaeError("--elbo renyi needs --alpha (e.g. 0.5)")
+    check_alpha(cfg["elbo"], cfg["alpha"])
     # the old run (with --overwrite) is replaced only once the new one has written its first checkpoint
     replaced = (lambda: remove_derived(out)) if args.overwrite else None
     _, _, result = train_masked(cfg, out, resume=args.resume, quiet=args.quiet, on_first_checkpoint=replaced)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import pyro
 import pyro.distributions as dist
@@ -22,13 +23,13 @@ from .errors import PyrovaeError
 from .likelihoods import Likelihood, make_likelihood
 from .nets import PRESETS, Arch, logit, make_networks
 
-_COLLECTED = False  # True inside fit's hot loop: the parameters are already known
+_COLLECTED: ContextVar[bool] = ContextVar("pyrovae_parameters_collected", default=False)  # True in fit's hot loop
 
 
 def register(name: str, module: nn.Module) -> None:
     """``pyro.module(name, module)``: puts the module's parameters in Pyro's param store, where SVI and
     ``poutine.trace(param_only=True)`` find them on every call. Skipped inside :func:`parameters_collected`."""
-    if not _COLLECTED:
+    if not _COLLECTED.get():
         pyro.module(name, module)
 
 
@@ -38,12 +39,11 @@ def parameters_collected() -> Iterator[None]:
     step and the optimiser holds them) and in evaluation sweeps (nothing is optimised), re-registering the
     modules on every call (about 50 µs each) is bookkeeping nobody reads. Not for Pyro's ``loss_and_grads``
     or ``SVI``, which look for the param sites."""
-    global _COLLECTED
-    before, _COLLECTED = _COLLECTED, True
+    token = _COLLECTED.set(True)
     try:
         yield
     finally:
-        _COLLECTED = before
+        _COLLECTED.reset(token)
 
 
 @functools.lru_cache(maxsize=16)
@@ -58,6 +58,11 @@ def _standard_normal(z_dim: int, device: torch.device, dtype: torch.dtype) -> di
     (two tensors, two distribution objects) took ~25 µs of every step."""
     zeros = torch.zeros(z_dim, device=device, dtype=dtype)
     return dist.Normal(zeros, zeros + 1).to_event(1)
+
+
+def standard_normal(dim: int, like: torch.Tensor) -> dist.Distribution:
+    """The prior N(0, I) in ``dim`` dimensions on ``like``'s device and dtype (one object per setting)."""
+    return _standard_normal(dim, like.device, like.dtype)
 
 
 def data_plate(x: torch.Tensor, num_data: int | None, name: str = "data") -> pyro.plate:
@@ -84,7 +89,7 @@ class VAE(nn.Module):
 
     def prior(self, like: torch.Tensor) -> dist.Distribution:
         """p(z) = N(0, I), on the device and dtype of ``like``."""
-        return _standard_normal(self.z_dim, like.device, like.dtype)
+        return standard_normal(self.z_dim, like)
 
     def model(self, x: torch.Tensor, num_data: int | None = None) -> None:
         register(f"{self.name}.decoder", self.decoder)  # each program registers only what it uses

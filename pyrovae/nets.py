@@ -46,6 +46,12 @@ def _mlp(sizes: list[int], activation: str) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def normal_head(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loc, scale) of a Normal from a network output whose last dimension holds loc and log-scale halves."""
+    loc, log_scale = h.chunk(2, dim=-1)
+    return loc, log_scale.exp()
+
+
 class MLPEncoder(nn.Module):
     """x -> hidden layers -> (loc, scale) with scale = exp(output), as in the IWAE paper."""
 
@@ -57,8 +63,7 @@ class MLPEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.net(x.flatten(-len(self.shape)))
-        loc, log_scale = h.chunk(2, dim=-1)
-        return loc, log_scale.exp()
+        return normal_head(h)
 
 
 class MLPDecoder(nn.Module):
@@ -98,8 +103,7 @@ class ConvEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flat, lead = _flat_batch(x, 3)
         h = self.fc(self.conv(flat).flatten(1)).reshape(*lead, -1)
-        loc, log_scale = h.chunk(2, dim=-1)
-        return loc, log_scale.exp()
+        return normal_head(h)
 
 
 class ConvDecoder(nn.Module):

@@ -21,8 +21,10 @@ import torch
 
 from .data import Pixels, Splits, load_dataset, make_splits, synthetic
 from .errors import PyrovaeError
+from .infer import check_alpha
 from .models import VAE, build_vae
 from .nets import ACTIVATIONS, PRESETS, Arch
+from .paramstore import forget_module
 
 DEFAULTS: dict[str, Any] = {
     "dataset": "fashion-mnist",
@@ -249,8 +251,7 @@ def fit_from_config(
     from . import __version__
     from .train import fit
 
-    if cfg["elbo"] == "renyi" and cfg["alpha"] is None:
-        raise PyrovaeError("--elbo renyi needs --alpha (e.g. 0.5)")
+    check_alpha(cfg["elbo"], cfg["alpha"])
     versions = {"pyrovae": __version__, "pyro": pyro.__version__, "torch": str(torch.__version__)}
     facts = {"data_source": splits.source, "n_train": len(splits.train), "n_val": len(val), **(record or {})}
     return fit(
@@ -312,5 +313,5 @@ def load_run(run_dir: str | Path, device: str = "auto") -> tuple[dict[str, Any],
     splits = load_splits(cfg, dev)
     vae = build_model(cfg, splits)
     load_module_params(vae, vae.name, run_dir, dev)
-    pyro.clear_param_store()
+    forget_module(vae.name)  # the store's entries of this name are another model's
     return cfg, splits, vae

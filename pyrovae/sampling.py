@@ -30,9 +30,12 @@ import torch
 from torch import nn
 
 from .errors import PyrovaeError
+from .files import remove_files
 from .gmm import GMM
-from .models import VAE, data_plate, register
-from .nets import _mlp
+from .models import VAE, data_plate, register, standard_normal
+from .nets import _mlp, normal_head
+from .paramstore import fresh_param_store
+from .reports import fmt, markdown_table
 
 CODES = ("sample", "mean")
 
@@ -192,16 +195,15 @@ class LatentVAE(nn.Module):
         register(f"{self.name}.decoder", self.decoder)
         register(f"{self.name}.noise", self.noise)
         with data_plate(z, num_data):
-            zeros = z.new_zeros(self.u_dim)
-            u = pyro.sample("u", dist.Normal(zeros, zeros + 1).to_event(1))
+            u = pyro.sample("u", standard_normal(self.u_dim, z))
             scale = (0.5 * self.log_gamma).exp()
             pyro.sample("z", dist.Normal(self.decoder(u), scale).to_event(1), obs=z)
 
     def guide(self, z: torch.Tensor, num_data: int | None = None) -> None:
         register(f"{self.name}.encoder", self.encoder)
         with data_plate(z, num_data):
-            loc, log_scale = self.encoder(z).chunk(2, dim=-1)
-            pyro.sample("u", dist.Normal(loc, log_scale.exp()).to_event(1))
+            loc, scale = normal_head(self.encoder(z))
+            pyro.sample("u", dist.Normal(loc, scale).to_event(1))
 
     @torch.no_grad()
     def sample(self, n: int, like: torch.Tensor, noise: bool = True) -> torch.Tensor:
@@ -266,19 +268,19 @@ def fit_two_stage(
 
     pyro.set_rng_seed(seed)
     stage2 = LatentVAE(train_codes.loc.shape[1], hidden=hidden).to(train_codes.device)
-    result = fit(
-        stage2.model,
-        stage2.guide,
-        train_codes,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        lr_schedule="cosine",
-        val_data=val_codes,
-        quiet=quiet,
-        seed=seed,
-    )
-    pyro.clear_param_store()
+    with fresh_param_store():  # the stage-2 modules keep their parameters; the caller's store is left alone
+        result = fit(
+            stage2.model,
+            stage2.guide,
+            train_codes,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            lr_schedule="cosine",
+            val_data=val_codes,
+            quiet=quiet,
+            seed=seed,
+        )
     return TwoStageSampler(vae, stage2.eval()), result.history
 
 
@@ -290,8 +292,8 @@ def fit_latent_gmm(vae: VAE, train_codes: PosteriorCodes, k: int = 20, seed: int
     z = train_codes.all()
     if len(z) < k:
         raise PyrovaeError(f"--gmm-k {k} is more than the {len(z)} training codes")
-    gmm, _ = fit_mixture_latent(z, k, seed, covariance="diag")
-    pyro.clear_param_store()
+    with fresh_param_store():
+        gmm, _ = fit_mixture_latent(z, k, seed, covariance="diag")
     return LatentGMMSampler(vae, gmm)
 
 
@@ -310,7 +312,6 @@ def sample_quality(
     One bandwidth per feature map (the median heuristic on test vs the first sampler), so that the
     rows of one table are comparable.
     """
-    from .evaluate import log_likelihood
 
     names = list(generated)
     feats: dict[str, dict[str, torch.Tensor]] = {"pixels": {n: generated[n] for n in names}}
@@ -327,12 +328,10 @@ def sample_quality(
         for n, v in per.items():
             out[n][f"mmd2_{f}"] = mmd2(v, test_feats[f], bandwidths[f])[0]
     if referee is not None:
-        pyro.clear_param_store()  # the referee's modules must not meet another VAE's of the same name
         for n in names:
-            lp = log_likelihood(referee.model, referee.guide, generated[n], num_samples=k).double()
+            lp = _referee_log_p(referee, generated[n], k)
             out[n]["referee_log_likelihood"] = float(lp.mean())
             out[n]["referee_log_likelihood_sem"] = float(lp.std() / math.sqrt(len(lp)))
-        pyro.clear_param_store()
     for n in out:
         out[n]["bandwidths"] = {f: bandwidths[f] for f in feats}
     return out
@@ -373,10 +372,9 @@ def _referee(run_dir: Path, cfg: dict[str, Any], referee_run: str | None, epochs
         if all(saved.get(k) == ref_cfg.get(k) for k in ("seed", "epochs", "dataset", "likelihood", "arch")):
             _, _, ref = load_run(folder, device)
             return ref, str(folder), saved
-        for name in ("checkpoint.pt", "metrics.csv", "config.json"):
-            (folder / name).unlink(missing_ok=True)
-    _, ref, _ = train_vae(ref_cfg, folder, quiet=quiet)
-    pyro.clear_param_store()
+        remove_files(folder)
+    with fresh_param_store():
+        _, ref, _ = train_vae(ref_cfg, folder, quiet=quiet)
     return ref, str(folder), ref_cfg
 
 
@@ -449,7 +447,6 @@ def run_samples(
     referee, referee_where, referee_cfg = _referee(run_dir, cfg, referee_run, referee_epochs, device, quiet)
     referee.eval()
     scores = sample_quality(images, z, test_x, test_codes, referee, k)
-    pyro.clear_param_store()
     pyro.set_rng_seed(seed + 2)
     with torch.no_grad():
         lp_test = _referee_log_p(referee, test_x, k)
@@ -515,14 +512,8 @@ def run_samples(
 def _referee_log_p(referee: VAE, x: torch.Tensor, k: int) -> torch.Tensor:
     from .evaluate import log_likelihood
 
-    pyro.clear_param_store()
-    lp = log_likelihood(referee.model, referee.guide, x, num_samples=k).double()
-    pyro.clear_param_store()
-    return lp
-
-
-def _fmt(v: float | None, spec: str = ".4f") -> str:
-    return "n/a" if v is None else format(v, spec)
+    with fresh_param_store():  # the referee's modules must not meet another VAE's of the same name
+        return log_likelihood(referee.model, referee.guide, x, num_samples=k).double()
 
 
 def _markdown(s: dict[str, Any]) -> str:
@@ -531,19 +522,18 @@ def _markdown(s: dict[str, Any]) -> str:
         f"# Samples from {s['run']} ({s['dataset']}, {s['likelihood']} decoder)",
         "",
         f"{s['n']} images per sampler, scored against the first {s['n_test']} test images. "
-        f"{s['codes_note'][0].upper() + s['codes_note'][1:]}. Stage-1 γ = {_fmt(s['stage1_gamma'], '.4g')}, "
+        f"{s['codes_note'][0].upper() + s['codes_note'][1:]}. Stage-1 γ = {fmt(s['stage1_gamma'], '.4g')}, "
         f"stage-2 γ₂ = {s['stage2']['gamma2']:.4g}.",
         "",
-        "| sampler | MMD² pixels | MMD² referee features | MMD² stage-1 codes | referee log p(x) ± s.e. |",
-        "|---|---|---|---|---|",
     ]
+    rows = []
     for r in s["samplers"].values():
         lp = r.get("referee_log_likelihood")
         lp_text = f"{lp:.1f} ± {r['referee_log_likelihood_sem']:.1f}" if lp is not None else "n/a"
-        lines.append(
-            f"| {r['label']} | {_fmt(r.get('mmd2_pixels'))} | {_fmt(r.get('mmd2_referee'))} | "
-            f"{_fmt(r.get('mmd2_latent'))} | {lp_text} |"
-        )
+        mmd = [fmt(r.get(f"mmd2_{f}"), ".4f") for f in ("pixels", "referee", "latent")]
+        rows.append([r["label"], *mmd, lp_text])
+    header = ["sampler", "MMD² pixels", "MMD² referee features", "MMD² stage-1 codes", "referee log p(x) ± s.e."]
+    lines += markdown_table(header, rows)
     lines += [
         "",
         f"Referee: {ref['model']} in `{ref['run']}`; importance-sampled log p(x) with K={ref['k']}; "

@@ -34,8 +34,10 @@ from torch import nn
 
 from .errors import PyrovaeError
 from .likelihoods import Likelihood, make_likelihood
-from .models import data_plate, register
-from .nets import _mlp
+from .models import data_plate, register, standard_normal
+from .nets import _mlp, normal_head
+from .paramstore import fresh_param_store
+from .reports import markdown_table
 
 
 def _cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -98,16 +100,14 @@ class M2(nn.Module):
         first = self.encoder[0]
         d = flat.shape[-1]
         h = F.linear(flat, first.weight[:, :d], first.bias) + first.weight[:, d:].T[y]
-        loc, log_scale = self.encoder[1:](h).chunk(2, dim=-1)
-        return loc, log_scale.exp()
+        return normal_head(self.encoder[1:](h))
 
     def decode(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The decoder's output (..., k*C, H, W) for codes ``z`` and labels ``y``."""
         return self.decoder(_cat(z, self.one_hot(y, z))).unflatten(-1, self.out_shape)
 
     def prior_z(self, like: torch.Tensor) -> dist.Distribution:
-        zeros = like.new_zeros(self.z_dim)
-        return dist.Normal(zeros, zeros + 1).to_event(1)
+        return standard_normal(self.z_dim, like)
 
     def prior_y(self, like: torch.Tensor) -> dist.Distribution:
         return dist.Categorical(logits=like.new_zeros(self.n_classes))
@@ -267,12 +267,11 @@ def train_m2(
 
     model = functools.partial(m2.model, num_labelled=data.num_labelled)
     guide = functools.partial(m2.guide, num_labelled=data.num_labelled)
-    result = fit(
-        model, guide, data, elbo=m2.elbo(), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, quiet=quiet,
-        callback=record,
-    )  # fmt: skip
-    pyro.clear_param_store()
-    return result
+    with fresh_param_store():  # M2's modules keep their parameters; the caller's store is left alone
+        return fit(
+            model, guide, data, elbo=m2.elbo(), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, quiet=quiet,
+            callback=record,
+        )  # fmt: skip
 
 
 def train_classifier(
@@ -453,12 +452,25 @@ def _markdown(s: dict[str, Any]) -> str:
         f"{s['n_unlabelled']} unlabelled training images, {s['n_test']} test images; {s['epochs']} epochs "
         f"({s['steps']} steps of {st['batch_size']} unlabelled + {st['labelled_batch']} labelled images).",
         "",
-        "| classifier q(y\\|x) | test accuracy | test error | trained on | seconds |",
-        "|---|---|---|---|---|",
-        f"| M2 | {m2['test_accuracy']:.4f} | {m2['test_error']:.4f} | {s['labels']} labelled + "
-        f"{s['n_unlabelled']} unlabelled | {m2['seconds']:.0f} |",
-        f"| supervised baseline | {base['test_accuracy']:.4f} | {base['test_error']:.4f} | {s['labels']} labelled "
-        f"only, {base['steps']} cross-entropy steps | {base['seconds']:.0f} |",
+        *markdown_table(
+            ["classifier q(y\\|x)", "test accuracy", "test error", "trained on", "seconds"],
+            [
+                [
+                    "M2",
+                    f"{m2['test_accuracy']:.4f}",
+                    f"{m2['test_error']:.4f}",
+                    f"{s['labels']} labelled + {s['n_unlabelled']} unlabelled",
+                    f"{m2['seconds']:.0f}",
+                ],
+                [
+                    "supervised baseline",
+                    f"{base['test_accuracy']:.4f}",
+                    f"{base['test_error']:.4f}",
+                    f"{s['labels']} labelled only, {base['steps']} cross-entropy steps",
+                    f"{base['seconds']:.0f}",
+                ],
+            ],
+        ),
         "",
         f"Both classifiers: MLP {hidden} softplus, the same initial weights and examples; Adam lr {st['lr']}. "
         f"M2: z of {st['z_dim']}, {st['likelihood']} decoder ({st['binarize']} binarisation), "

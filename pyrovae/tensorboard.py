@@ -1,5 +1,5 @@
-"""A ``fit`` callback that writes training to TensorBoard: the epoch's scalars and, for a VAE, grids of
-prior samples and of reconstructions of fixed images. ``tensorboard`` is an optional extra
+"""A ``fit`` callback (a :class:`pyrovae.train.Callback`) that writes training to TensorBoard: the epoch's
+scalars and, for a VAE, grids of prior samples and of reconstructions of fixed images. ``tensorboard`` is an optional extra
 (``pip install 'pyrovae[tensorboard]'``); nothing else in pyrovae needs it.
 
     with TensorBoardLogger("runs/fm/tb", vae=vae, images=splits.val[:32]) as tb:
@@ -11,11 +11,16 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import distributed as ddp
 from .errors import PyrovaeError
+from .train.callbacks import Callback
+
+if TYPE_CHECKING:
+    from .train.loop import Loop
 
 SCALARS = ("train_elbo", "val_elbo", "beta", "lr", "seconds")
 
@@ -47,9 +52,9 @@ def image_grid(x: torch.Tensor, shape: tuple[int, ...] | None = None, nrow: int 
     return make_grid(x.clamp(0, 1), nrow=nrow, padding=1, pad_value=1.0)
 
 
-class TensorBoardLogger:
-    """Callable once per epoch by :func:`pyrovae.fit` (``callback=``): scalars every epoch, image grids every
-    ``image_every`` epochs when a ``vae`` (with ``sample`` and ``reconstruct``) is given. Only rank 0 writes."""
+class TensorBoardLogger(Callback):
+    """Called once per epoch by :func:`pyrovae.fit` (``callback=`` or ``callbacks=``): scalars every epoch, image
+    grids every ``image_every`` epochs when a ``vae`` (with ``sample`` and ``reconstruct``) is given. Only rank 0 writes."""
 
     def __init__(
         self,
@@ -64,7 +69,11 @@ class TensorBoardLogger:
         self.vae, self.images, self.n_samples, self.image_every = vae, images, n_samples, image_every
         self.writer = _summary_writer(Path(log_dir)) if ddp.world().rank == 0 else None
 
+    def on_epoch_end(self, loop: Loop, row: dict[str, float]) -> None:
+        self(row)
+
     def __call__(self, row: dict[str, float]) -> None:
+        """Write one epoch's metrics (``row`` as ``fit`` reports it)."""
         if self.writer is None:
             return
         epoch = int(row["epoch"])

@@ -45,3 +45,22 @@ def test_keeping_freed_memory_stops_the_page_faults_of_every_step():
     assert off_flag == "False" and on_flag == "True"
     assert off > 5000, off
     assert on < 0.1 * off, (on, off)
+
+
+def test_fit_leaves_malloc_alone_the_command_line_opts_in():
+    # A process-wide setting is the caller's to make: fit (library code) never calls keep_freed_memory; main does.
+    script = """
+import torch, pyro, pyro.distributions as dist
+from pyrovae import fit
+from pyrovae.hostmem import keep_freed_memory
+def model(x):
+    loc = pyro.param("loc", torch.zeros(2))
+    with pyro.plate("data", len(x)):
+        pyro.sample("x", dist.Normal(loc, 1.0).to_event(1), obs=x)
+def guide(x):
+    pass
+fit(model, guide, torch.randn(20, 2), epochs=1, batch_size=10, quiet=True)
+print(keep_freed_memory.cache_info().currsize)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0"], out.stdout

@@ -20,9 +20,14 @@ from .renyi import RenyiBound
 from .trace import MeanField, Trace
 
 
+def check_alpha(elbo: str, alpha: float | None) -> None:
+    """Refuse the Rényi estimator without its α (before any data is loaded or model built)."""
+    if elbo == "renyi" and alpha is None:
+        raise PyrovaeError("--elbo renyi needs --alpha (e.g. 0.5; 0 is iwae, 1 is the ELBO)")
+
+
 def _renyi(particles: int, alpha: float | None) -> ELBO:
-    if alpha is None:
-        raise PyrovaeError("the renyi estimator needs --alpha (e.g. 0.5; 0 is iwae, 1 is the ELBO)")
+    check_alpha("renyi", alpha)
     return RenyiBound(alpha=alpha, num_particles=particles)
 
 
@@ -50,4 +55,4 @@ def make_elbo(spec: str | ELBO | type[ELBO], particles: int | None = None, alpha
     return ESTIMATORS[spec](k, alpha)
 
 
-__all__ = ["ESTIMATORS", "LatentScale", "MeanField", "RenyiBound", "Trace", "make_elbo", "warmup_beta"]
+__all__ = ["ESTIMATORS", "LatentScale", "MeanField", "RenyiBound", "Trace", "check_alpha", "make_elbo", "warmup_beta"]
