@@ -34,6 +34,7 @@ from .errors import PyrovaeError
 from .evaluate import ACTIVE_THRESHOLD, bits_per_dim, evaluate_points
 from .files import atomic_write, remove_files, write_json, write_text
 from .gmm import GMM
+from .handlers import off_rng
 from .reports import fmt, markdown_table
 from .runs import DEFAULTS, read_config, resolve_device, train_vae
 from .train import fit, load_checkpoint
@@ -208,7 +209,7 @@ def compare(
 
 def _has_latents(guide: Callable, x: torch.Tensor, *args: Any) -> bool:
     """Whether the guide samples anything (off the RNG): without latents, one draw gives the exact log p(x)."""
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad():
+    with off_rng(x.device), torch.no_grad():
         tr = pyro.poutine.trace(guide).get_trace(x, *args)
     return any(site["type"] == "sample" and not site_is_subsample(site) for site in tr.nodes.values())
 

@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 from .errors import PyrovaeError
-from .handlers import DATA_PLATE, sample_frames
+from .handlers import DATA_PLATE, off_rng, sample_frames
 from .infer.renyi import PARTICLE_PLATE
 from .inference_data import make_idata, psis_khat, scalar_attrs, write_idata
 from .models import parameters_collected
@@ -54,11 +54,6 @@ def _args_device(args: tuple, kwargs: dict) -> torch.device:
         if isinstance(t, torch.Tensor):
             return t.device
     return torch.device("cpu")
-
-
-def _off_rng(device: torch.device):
-    """Run a probe on the side of the RNG: the sweep's draws are those of a run without the probe."""
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def _traces(
@@ -129,7 +124,7 @@ def _inspect(model: Callable, guide: Callable, args: tuple, kwargs: dict, plate:
     log p(x) does not split into one term per datapoint.
     """
     device = _args_device(args, kwargs)
-    with _off_rng(device), pyro.validation_enabled(True), torch.no_grad():
+    with off_rng(device), pyro.validation_enabled(True), torch.no_grad():
         model_tr, guide_tr = _traces(model, guide, args, kwargs, None, None)
     sites = sample_frames(model_tr, guide_tr)
     if not sites:
@@ -170,7 +165,7 @@ def _callable_on_subsets(prog: _Program) -> bool:
         return False
     args, kwargs = prog.subset(0, m)
     try:
-        with _off_rng(prog.device), pyro.validation_enabled(True), torch.no_grad():
+        with off_rng(prog.device), pyro.validation_enabled(True), torch.no_grad():
             model_tr, guide_tr = prog.traces(args, kwargs, None)
             log_w = _log_weights(model_tr, guide_tr, prog, 1, m)
     except Exception:  # noqa: BLE001 - any failure on a subset means: do not run it on subsets
@@ -206,7 +201,7 @@ def _probe_particles(prog: _Program, args: tuple, kwargs: dict, b: int, k0: int)
     """
     cuda = prog.device.type == "cuda"
     try:
-        with _off_rng(prog.device), torch.no_grad():
+        with off_rng(prog.device), torch.no_grad():
             if cuda:
                 torch.cuda.synchronize(prog.device)
                 torch.cuda.reset_peak_memory_stats(prog.device)
@@ -354,7 +349,7 @@ def _sweep(
             stacklevel=3,
         )
     if per_pair is None:
-        with _off_rng(prog.device), torch.no_grad():  # one particle: its bytes per datapoint
+        with off_rng(prog.device), torch.no_grad():  # one particle: its bytes per datapoint
             counter = _AllocatedBytes()
             with counter:
                 prog.traces(*prog.subset(0, probe_b), None)

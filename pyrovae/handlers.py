@@ -127,6 +127,13 @@ def scale_for(frames: list, batch: int | None, num_data: int, plate: str | None 
     return None
 
 
+def off_rng(device: torch.device | str):
+    """Draws inside do not move torch's RNG (the CPU's, and ``device``'s if CUDA): a probe or a side computation
+    leaves the draws that follow as they would be without it."""
+    device = torch.device(device)
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 def minibatch_scale(
     model: Callable,
     guide: Callable,
@@ -137,7 +144,7 @@ def minibatch_scale(
 ) -> DataScale | None:
     """:func:`scale_for` from one run of the guide and the replayed model on ``args``, off the RNG."""
     devices = [t.device for t in args if isinstance(t, torch.Tensor) and t.device.type == "cuda"]
-    with torch.random.fork_rng(devices=devices[:1]), torch.no_grad():
+    with off_rng(devices[0] if devices else "cpu"), torch.no_grad():
         guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
         model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
     frames = [f for _, stack in sample_frames(model_tr, guide_tr) for f in stack]

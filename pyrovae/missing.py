@@ -32,6 +32,7 @@ from torch import nn
 from .data import ImageData, Splits
 from .errors import PyrovaeError
 from .evaluate import importance_draws, log_likelihood
+from .handlers import off_rng
 from .infer import check_alpha
 from .likelihoods import Likelihood
 from .models import VAE, data_plate, register, vae_parts
@@ -243,7 +244,7 @@ def completion_log_likelihood(
     for s in range(0, len(x), b):
         xb, mb = x[s : s + b], mask[s : s + b]
 
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        with off_rng(x.device):
             log_w = {"obs": weights(xb, mb, mb)}  # on a copy of the RNG: the pass below sees the same z draws
         log_w["full"] = weights(xb, mb, torch.ones_like(mb))
         acc = {}

@@ -17,7 +17,7 @@ from pyro.infer import ELBO
 
 from ..data import Dataset
 from ..errors import PyrovaeError
-from ..handlers import DataScale, PlateRecorder, bind_num_data, find_data_plate, scale_for
+from ..handlers import DataScale, PlateRecorder, bind_num_data, find_data_plate, off_rng, scale_for
 from ..infer import LatentScale
 from ..models import parameters_collected
 
@@ -33,11 +33,6 @@ def device_of(data: Dataset) -> torch.device:
         args = as_args(data.batch(torch.arange(1)))
         device = args[0].device
     return torch.device(device)
-
-
-def off_rng(device: torch.device):
-    """Draws inside do not move the RNG: a probe leaves training's draws as they would be without it."""
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def _collect_params(loss_fn: Callable[[], torch.Tensor]) -> tuple[list[str], list[torch.Tensor]]:
