@@ -1,23 +1,36 @@
 """``python -m pyrovae``: the CLI, with a Ctrl-C or SIGTERM during start-up (torch's import) ending in one line."""
 
+import os
 import signal
 import sys
 
 
 def run() -> int:
-    """Import the CLI and run it; an interrupt before the CLI takes over is one line and exit 130."""
+    """Import the CLI and run it; an interrupt before the CLI takes over is one line and exit 130.
+
+    The interrupt is recorded as well as raised, since a library's bare ``except:`` during its import can
+    swallow the ``KeyboardInterrupt``. The exit skips interpreter shutdown: an import cut short can leave
+    torch half-initialised, and its exit handlers then hang. Nothing has been written yet at that point.
+    """
+    received: list[int] = []
 
     def interrupt(signum, frame):
+        received.append(signum)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupt)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, interrupt)
     try:
         from .cli import main
 
-        return main()
+        if received:
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         sys.stderr.write("pyrovae: interrupted\n")
-        return 130
+        sys.stderr.flush()
+        os._exit(130)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the CLI's own handling takes over from here
+    return main()
 
 
 if __name__ == "__main__":
