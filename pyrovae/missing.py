@@ -35,14 +35,13 @@ from .evaluate import importance_draws, log_likelihood
 from .handlers import off_rng
 from .infer import check_alpha
 from .likelihoods import Likelihood
-from .models import VAE, data_plate, register, vae_parts
+from .models import VAE, vae_parts
 from .nets import ACTIVATIONS, PRESETS, Arch
 from .paramstore import forget_module
 from .reports import fmt, markdown_table
 from .runs import arch_from_config
 
 MASK_KINDS = ("random", "top-half", "mix")
-FILL = 0.0  # what the encoder sees in place of a missing pixel (the mask channel tells it apart)
 MISSING_COLOUR = (0.85, 0.15, 0.15)  # missing pixels in the completion grid
 
 
@@ -110,8 +109,8 @@ class MaskedImageData:
 
 # ---------------------------------------------------------------------------------------------- model
 class MaskedVAE(VAE):
-    """The built-in :class:`~pyrovae.models.VAE` whose likelihood counts observed pixels only (conditioning on
-    x_obs), with an encoder of [x ⊙ m, m] (2C channels); prior, networks and registration are the VAE's."""
+    """The built-in :class:`~pyrovae.models.VAE` run with its ``mask`` option: a program of ``(x, mask)`` whose
+    likelihood counts observed pixels only (conditioning on x_obs), with an encoder of [x ⊙ m, m] (2C channels)."""
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: Likelihood, z_dim: int, name: str = "mvae"):
         super().__init__(encoder, decoder, likelihood, z_dim, name)
@@ -120,34 +119,19 @@ class MaskedVAE(VAE):
     def reconstruct(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The likelihood's mean at the posterior mean of z given the observed pixels (default: all of them)."""
         mask = torch.ones_like(x, dtype=torch.bool) if mask is None else mask
-        return self.likelihood.mean(self.decoder(self.encoder(self.encoder_input(x, mask))[0]))
-
-    @staticmethod
-    def encoder_input(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """[x with missing pixels set to FILL, mask] along the channel dim: missing values never reach the net."""
-        return torch.cat([torch.where(mask, x, FILL), mask.to(x.dtype)], dim=-3)
+        return self.likelihood.mean(self.decoder(self.encode(x, mask=mask)[0]))
 
     def q(self, x: torch.Tensor, mask: torch.Tensor) -> dist.Distribution:
         """q(z | x_obs, m) as a distribution with event dim 1."""
-        loc, scale = self.encoder(self.encoder_input(x, mask))
+        loc, scale = self.encode(x, mask=mask)
         return dist.Normal(loc, scale).to_event(1)
 
-    def masked_likelihood(self, out: torch.Tensor, mask: torch.Tensor) -> dist.Distribution:
-        """p(x | z) with each missing pixel's log-prob set to exactly zero (``.mask`` before ``to_event``)."""
-        return self.likelihood.distribution(out).mask(mask).to_event(3)
-
+    # the VAE's program, with the mask as the second argument (a dataset's batches are (x, mask))
     def model(self, x: torch.Tensor, mask: torch.Tensor, num_data: int | None = None) -> None:
-        register(f"{self.name}.decoder", self.decoder)
-        register(f"{self.name}.likelihood", self.likelihood)
-        with data_plate(x, num_data):
-            z = pyro.sample("z", self.prior(x))
-            # missing values are replaced (NaN allowed there) so that no gradient can pass through them
-            pyro.sample("x", self.masked_likelihood(self.decoder(z), mask), obs=torch.where(mask, x, FILL))
+        super().model(x, num_data, mask=mask)
 
     def guide(self, x: torch.Tensor, mask: torch.Tensor, num_data: int | None = None) -> None:
-        register(f"{self.name}.encoder", self.encoder)
-        with data_plate(x, num_data):
-            pyro.sample("z", self.q(x, mask))
+        super().guide(x, num_data, mask=mask)
 
 
 def build_masked_vae(

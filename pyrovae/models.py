@@ -70,13 +70,36 @@ def data_plate(x: torch.Tensor, num_data: int | None, name: str = "data") -> pyr
     return pyro.plate(name, num_data or len(x), subsample=_indices(len(x), x.device))
 
 
-class VAE(nn.Module):
-    """A VAE with a standard Normal prior, an amortised Normal guide and any :class:`Likelihood`."""
+FILL = 0.0  # what the encoder sees in place of a missing pixel (the mask channel tells it apart)
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: Likelihood, z_dim: int, name: str = "vae"):
+
+class VAE(nn.Module):
+    """A VAE with a standard Normal prior, an amortised Normal guide and any :class:`Likelihood`.
+
+    One program, with two options on top of the plain ``x``: a boolean ``mask`` (True = observed) that
+    conditions on the observed pixels only (the encoder then reads ``[x ⊙ m, m]``, see
+    :meth:`encoder_input`), and a label ``y`` for a VAE built with ``n_classes`` (y ~ Cat(1/n) in the
+    model; in the guide, q(y | x) by ``classifier``, enumerated, where y is not given). The networks
+    see a label through :meth:`encode` and :meth:`decode`. ``event_dims`` are the dims of one datapoint.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        likelihood: Likelihood,
+        z_dim: int,
+        name: str = "vae",
+        *,
+        event_dims: int = 3,
+        n_classes: int = 0,
+        classifier: nn.Module | None = None,
+    ):
         super().__init__()
-        self.encoder, self.decoder, self.likelihood = encoder, decoder, likelihood
-        self.z_dim, self.name = z_dim, name
+        if n_classes and classifier is None:
+            raise PyrovaeError("a label-conditioned VAE (n_classes > 0) needs a classifier q(y | x)")
+        self.encoder, self.decoder, self.likelihood, self.classifier = encoder, decoder, likelihood, classifier
+        self.z_dim, self.name, self.event_dims, self.n_classes = z_dim, name, event_dims, n_classes
         self.autocast: torch.dtype | None = None  # e.g. torch.bfloat16: networks in mixed precision
 
     def _run(self, net: nn.Module, x: torch.Tensor):
@@ -91,18 +114,76 @@ class VAE(nn.Module):
         """p(z) = N(0, I), on the device and dtype of ``like``."""
         return standard_normal(self.z_dim, like)
 
-    def model(self, x: torch.Tensor, num_data: int | None = None) -> None:
+    def prior_y(self, like: torch.Tensor) -> dist.Distribution:
+        """p(y) = Cat(1/n_classes), for a label-conditioned VAE."""
+        return dist.Categorical(logits=like.new_zeros(self.n_classes))
+
+    # -- the networks, as the program sees them (a label-conditioned VAE overrides both)
+    @staticmethod
+    def encoder_input(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[x with missing pixels set to FILL, mask] along the channel dim: missing values never reach the net."""
+        return torch.cat([torch.where(mask, x, FILL), mask.to(x.dtype)], dim=-3)
+
+    def encode(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z | x[, y])'s (loc, scale); with ``mask``, from the observed pixels and the mask."""
+        if y is not None:
+            raise PyrovaeError(f"{type(self).__name__} has no label input; override encode() for one")
+        return self._run(self.encoder, x if mask is None else self.encoder_input(x, mask))
+
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's output for codes ``z`` (and labels ``y``)."""
+        if y is not None:
+            raise PyrovaeError(f"{type(self).__name__} has no label input; override decode() for one")
+        return self._run(self.decoder, z)
+
+    def observation(self, out: torch.Tensor, mask: torch.Tensor | None = None) -> dist.Distribution:
+        """p(x | z) from the decoder's output; with ``mask``, each missing pixel's log-prob is exactly zero."""
+        if mask is None:
+            return self.likelihood(out, self.event_dims)
+        return self.likelihood.distribution(out).mask(mask).to_event(self.event_dims)
+
+    # -- the program: the sites of a batch, inside the caller's data plate ...
+    def model_sites(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, mask: torch.Tensor | None = None, suffix: str = ""
+    ) -> torch.Tensor:
+        """[y ~ p(y) (observed if given),] z ~ p(z), x ~ p(x | decode(z[, y])) (observed pixels only with ``mask``)."""
+        if self.n_classes:
+            y = pyro.sample("y" + suffix, self.prior_y(x), obs=y)
+        z = pyro.sample("z" + suffix, self.prior(x))
+        # missing values are replaced (NaN allowed there) so that no gradient can pass through them
+        obs = x if mask is None else torch.where(mask, x, FILL)
+        pyro.sample("x" + suffix, self.observation(self.decode(z, y), mask), obs=obs)
+        return z
+
+    def guide_sites(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, mask: torch.Tensor | None = None, suffix: str = ""
+    ) -> torch.Tensor:
+        """[y ~ q(y | x), enumerated, if not given,] z ~ q(z | x[, y])."""
+        if self.n_classes and y is None:
+            logits = self.classifier(x)
+            y = pyro.sample("y" + suffix, dist.Categorical(logits=logits), infer={"enumerate": "parallel"})
+        loc, scale = self.encode(x, y, mask)
+        return pyro.sample("z" + suffix, dist.Normal(loc, scale).to_event(1))
+
+    # ... and in the data plate, as Pyro programs
+    def model(
+        self, x: torch.Tensor, num_data: int | None = None, *, mask: torch.Tensor | None = None, y=None
+    ) -> None:
         register(f"{self.name}.decoder", self.decoder)  # each program registers only what it uses
         register(f"{self.name}.likelihood", self.likelihood)
         with data_plate(x, num_data):
-            z = pyro.sample("z", self.prior(x))
-            pyro.sample("x", self.likelihood(self._run(self.decoder, z)), obs=x)
+            self.model_sites(x, y, mask)
 
-    def guide(self, x: torch.Tensor, num_data: int | None = None) -> None:
+    def guide(
+        self, x: torch.Tensor, num_data: int | None = None, *, mask: torch.Tensor | None = None, y=None
+    ) -> None:
         register(f"{self.name}.encoder", self.encoder)
+        if self.n_classes and y is None:
+            register(f"{self.name}.classifier", self.classifier)
         with data_plate(x, num_data):
-            loc, scale = self._run(self.encoder, x)
-            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+            self.guide_sites(x, y, mask)
 
     # -- conveniences for evaluation and pictures (not used by training)
     @torch.no_grad()

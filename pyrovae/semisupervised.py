@@ -34,7 +34,7 @@ from torch import nn
 
 from .errors import PyrovaeError
 from .likelihoods import Likelihood, make_likelihood
-from .models import data_plate, register, standard_normal
+from .models import VAE, data_plate, register
 from .nets import _mlp, normal_head
 from .paramstore import fresh_param_store
 from .reports import markdown_table
@@ -58,8 +58,9 @@ class Classifier(nn.Module):
         return self.net(x.flatten(-self.event_dims))
 
 
-class M2(nn.Module):
-    """The M2 model: classifier q(y|x), encoder q(z|x,y), decoder p(x|y,z) with any :class:`Likelihood`.
+class M2(VAE):
+    """The M2 model: the label-conditioned :class:`~pyrovae.models.VAE` (classifier q(y|x), encoder q(z|x,y),
+    decoder p(x|y,z) with any :class:`Likelihood`), run on a labelled and an unlabelled batch at once.
 
     Defaults follow the paper's MNIST networks (one hidden layer of 500 softplus units, z of 50).
     ``alpha`` (the weight of the labelled classification term) is set by :func:`train_m2`.
@@ -76,43 +77,48 @@ class M2(nn.Module):
         alpha: float = 0.0,
         name: str = "m2",
     ) -> None:
-        super().__init__()
-        self.shape, self.z_dim, self.n_classes, self.alpha, self.name = tuple(shape), z_dim, n_classes, alpha, name
-        self.likelihood = make_likelihood(likelihood) if isinstance(likelihood, str) else likelihood
+        likelihood = make_likelihood(likelihood) if isinstance(likelihood, str) else likelihood
         d = math.prod(shape)
-        self.out_shape = (self.likelihood.outputs_per_pixel * shape[0], *shape[1:])
-        self.classifier = Classifier(shape, hidden, n_classes, activation)
-        self.encoder = _mlp([d + n_classes, *hidden, 2 * z_dim], activation)
-        self.decoder = _mlp([z_dim + n_classes, *reversed(hidden), math.prod(self.out_shape)], activation)
+        out_shape = (likelihood.outputs_per_pixel * shape[0], *shape[1:])
+        classifier = Classifier(shape, hidden, n_classes, activation)
+        encoder = _mlp([d + n_classes, *hidden, 2 * z_dim], activation)
+        decoder = _mlp([z_dim + n_classes, *reversed(hidden), math.prod(out_shape)], activation)
+        super().__init__(
+            encoder, decoder, likelihood, z_dim, name, event_dims=len(shape), n_classes=n_classes, classifier=classifier
+        )
+        self.shape, self.out_shape, self.alpha = tuple(shape), out_shape, alpha
 
     # -- networks
     def one_hot(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return F.one_hot(y, self.n_classes).to(like.dtype)
 
-    def encode(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z | x, y)'s (loc, scale); ``y`` may carry enumeration dims on the left.
 
         The first layer is W [x; onehot(y)] + b = (W_x x + b) + W_y[:, y]: its image part is computed once
         for all enumerated classes (10x less of the encoder's largest matrix product), the class part
         is a column lookup. The same function as the encoder on the concatenation.
         """
+        if y is None or mask is not None:
+            raise PyrovaeError("M2's encoder reads a whole image and its label")
         flat = x.flatten(-len(self.shape))
         first = self.encoder[0]
         d = flat.shape[-1]
         h = F.linear(flat, first.weight[:, :d], first.bias) + first.weight[:, d:].T[y]
         return normal_head(self.encoder[1:](h))
 
-    def decode(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder's output (..., k*C, H, W) for codes ``z`` and labels ``y``."""
+        if y is None:
+            raise PyrovaeError("M2's decoder reads a code and its label")
         return self.decoder(_cat(z, self.one_hot(y, z))).unflatten(-1, self.out_shape)
 
     def prior_z(self, like: torch.Tensor) -> dist.Distribution:
-        return standard_normal(self.z_dim, like)
+        return self.prior(like)
 
-    def prior_y(self, like: torch.Tensor) -> dist.Distribution:
-        return dist.Categorical(logits=like.new_zeros(self.n_classes))
-
-    # -- Pyro programs
+    # -- Pyro programs: the VAE's sites in two plates, y observed in one and enumerated in the other
     def model(
         self,
         xu: torch.Tensor | None,
@@ -128,18 +134,14 @@ class M2(nn.Module):
             if self.alpha:
                 register(f"{self.name}.classifier", self.classifier)
             with data_plate(xl, num_labelled, "labelled"):
-                pyro.sample("y_l", self.prior_y(xl), obs=yl)
-                z = pyro.sample("z_l", self.prior_z(xl))
-                pyro.sample("x_l", self.likelihood(self.decode(z, yl), len(self.shape)), obs=xl)
+                self.model_sites(xl, yl, suffix="_l")
                 if self.alpha:  # α E_labelled log q(y|x): α/n per point, times the plate's n/b
                     n = num_labelled or len(xl)
                     log_q = dist.Categorical(logits=self.classifier(xl)).log_prob(yl)
                     pyro.factor("classification", (self.alpha / n) * log_q)
         if xu is not None:
             with data_plate(xu, num_data):
-                y = pyro.sample("y_u", self.prior_y(xu))
-                z = pyro.sample("z_u", self.prior_z(xu))
-                pyro.sample("x_u", self.likelihood(self.decode(z, y), len(self.shape)), obs=xu)
+                self.model_sites(xu, suffix="_u")
 
     def guide(
         self,
@@ -153,14 +155,11 @@ class M2(nn.Module):
         register(f"{self.name}.encoder", self.encoder)
         if xl is not None:
             with data_plate(xl, num_labelled, "labelled"):
-                loc, scale = self.encode(xl, yl)
-                pyro.sample("z_l", dist.Normal(loc, scale).to_event(1))
+                self.guide_sites(xl, yl, suffix="_l")
         if xu is not None:
             register(f"{self.name}.classifier", self.classifier)
             with data_plate(xu, num_data):
-                y = pyro.sample("y_u", dist.Categorical(logits=self.classifier(xu)), infer={"enumerate": "parallel"})
-                loc, scale = self.encode(xu, y)
-                pyro.sample("z_u", dist.Normal(loc, scale).to_event(1))
+                self.guide_sites(xu, suffix="_u")
 
     @staticmethod
     def elbo() -> TraceEnum_ELBO:
