@@ -13,6 +13,7 @@ For a few points, NUTS (``pyro.infer.MCMC``) samples p(z|x) itself, checked with
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import sys
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import torch
 from pyro.distributions import constraints
 from torch import nn
@@ -35,7 +37,7 @@ from .data import TensorData
 from .errors import PyrovaeError
 from .evaluate import log_likelihood, pareto_khat
 from .inference_data import from_draws, group, make_idata, scalar_attrs, summary, write_idata
-from .models import data_plate
+from .models import data_plate, parameters_collected
 from .paramstore import fresh_param_store
 from .reports import fmt, markdown_table
 from .train import FitResult, fit
@@ -55,16 +57,18 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
 
 
 def decoder_model(vae: nn.Module) -> Callable:
-    """The VAE's model with its decoder as a fixed function: no ``pyro.module``, so no parameters to train.
+    """The VAE's own model with its parameters as fixed values: its modules are not registered
+    (:func:`~pyrovae.models.parameters_collected`) and any param site it has is hidden from ``fit``
+    (``poutine.block``), so that ``fit`` trains none of them.
 
     Takes ``(x, *rest, num_data=None)``; ``rest`` (datapoint ids, or a proposal's loc and scale, for the
     guide) is unused.
     """
+    fixed = poutine.block(vae.model, hide_types=["param"])
 
     def model(x: torch.Tensor, *_: torch.Tensor, num_data: int | None = None) -> None:
-        with data_plate(x, num_data):
-            z = pyro.sample("z", vae.prior(x))
-            pyro.sample("x", vae.likelihood(vae.decoder(z)), obs=x)
+        with parameters_collected():
+            fixed(x, num_data)
 
     return model
 
@@ -239,10 +243,7 @@ def nuts_posterior(
     loc = init_loc if init_loc is not None else loc
     scale = init_scale if init_scale is not None else scale
 
-    def model() -> None:
-        with pyro.plate("point", len(x), dim=-1):
-            z = pyro.sample("z", vae.prior(x))
-            pyro.sample("x", vae.likelihood(vae.decoder(z)), obs=x)
+    model = functools.partial(decoder_model(vae), x)
 
     draws, diverging = [], np.zeros((chains, samples), dtype=bool)
     logger = logging.getLogger("pyro")

@@ -48,7 +48,7 @@ class Likelihood(nn.Module):
 
     @property
     def name(self) -> str:
-        return next(k for k, v in LIKELIHOODS.items() if isinstance(self, v))
+        return next((k for k, v in LIKELIHOODS.items() if isinstance(self, v)), type(self).__name__)
 
 
 class BernoulliImage(dist.Independent):
@@ -109,6 +109,27 @@ class GaussianLearned(Likelihood):
 
     def distribution(self, out: torch.Tensor) -> dist.Distribution:
         return dist.Normal(torch.sigmoid(out), (0.5 * self.log_gamma).exp())
+
+
+class LearnedNoise(Likelihood):
+    """Real vectors (e.g. a VAE's codes) with mean the decoder's output itself and one learned variance γ.
+
+    log γ = ``gain`` · raw: Adam then moves log γ ``gain`` times faster than a weight, so that γ can fall
+    by orders of magnitude within a short run (the stage-2 VAE of Dai & Wipf 2019, whose γ should go to 0).
+    Not a pixel likelihood, so not in ``LIKELIHOODS``.
+    """
+
+    def __init__(self, gain: float = 1.0) -> None:
+        super().__init__()
+        self.gain = float(gain)
+        self.raw_log_gamma = nn.Parameter(torch.zeros(()))
+
+    @property
+    def log_gamma(self) -> torch.Tensor:
+        return self.gain * self.raw_log_gamma
+
+    def distribution(self, out: torch.Tensor) -> dist.Distribution:
+        return dist.Normal(out, (0.5 * self.log_gamma).exp())
 
 
 class GaussianDiag(Likelihood):

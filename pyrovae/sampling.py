@@ -25,15 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import pyro
-import pyro.distributions as dist
 import torch
-from torch import nn
 
 from .errors import PyrovaeError
 from .files import remove_files
 from .gmm import GMM
-from .models import VAE, data_plate, register, standard_normal
-from .nets import _mlp, normal_head
+from .likelihoods import LearnedNoise
+from .models import VAE
+from .nets import Arch, make_networks
 from .paramstore import fresh_param_store
 from .reports import fmt, markdown_table
 
@@ -164,10 +163,12 @@ def encode(vae: VAE, data, codes: str = "sample", batch_size: int = 2000) -> Pos
 
 
 # ------------------------------------------------------------------------------------ stage-2 VAE
-class LatentVAE(nn.Module):
-    """The second stage: u ~ N(0, I), z ~ N(decoder(u), γ₂ I) with a learned γ₂, guide u ~ N(encoder(z)).
+class LatentVAE(VAE):
+    """The second stage, the built-in :class:`~pyrovae.models.VAE` on codes: u ~ N(0, I), z ~ N(decoder(u), γ₂ I)
+    with a learned γ₂ (:class:`~pyrovae.likelihoods.LearnedNoise`), guide u ~ N(encoder(z)), MLP networks.
 
     Dai & Wipf use three 1024-unit layers; the default here is two of 512 (the codes are 2-64 dims).
+    In the program's site names the codes are ``x`` and u is ``z``.
     """
 
     GAMMA_GAIN = 10.0
@@ -175,35 +176,14 @@ class LatentVAE(nn.Module):
     def __init__(
         self, z_dim: int, u_dim: int | None = None, hidden: tuple[int, ...] = (512, 512), activation: str = "relu"
     ) -> None:
-        super().__init__()
-        self.z_dim, self.u_dim, self.name = z_dim, u_dim or z_dim, "stage2"
-        self.encoder = _mlp([z_dim, *hidden, 2 * self.u_dim], activation)
-        self.decoder = _mlp([self.u_dim, *reversed(hidden), z_dim], activation)
-        # log γ₂ = GAMMA_GAIN * raw: Adam then moves log γ₂ GAMMA_GAIN times faster than a weight, so that
-        # γ₂ can fall by orders of magnitude (Dai & Wipf: it should go to 0) within a short stage-2 run.
-        self.noise = nn.ParameterDict({"raw_log_gamma": nn.Parameter(torch.zeros(()))})
-
-    @property
-    def log_gamma(self) -> torch.Tensor:
-        return self.GAMMA_GAIN * self.noise["raw_log_gamma"]
+        u_dim = u_dim or z_dim
+        encoder, decoder = make_networks(Arch("mlp", tuple(hidden), activation, u_dim), (z_dim,))
+        super().__init__(encoder, decoder, LearnedNoise(self.GAMMA_GAIN), u_dim, "stage2", event_dims=1)
+        self.code_dim, self.u_dim = z_dim, u_dim
 
     @property
     def gamma(self) -> float:
-        return float(self.log_gamma.detach().exp())
-
-    def model(self, z: torch.Tensor, num_data: int | None = None) -> None:
-        register(f"{self.name}.decoder", self.decoder)
-        register(f"{self.name}.noise", self.noise)
-        with data_plate(z, num_data):
-            u = pyro.sample("u", standard_normal(self.u_dim, z))
-            scale = (0.5 * self.log_gamma).exp()
-            pyro.sample("z", dist.Normal(self.decoder(u), scale).to_event(1), obs=z)
-
-    def guide(self, z: torch.Tensor, num_data: int | None = None) -> None:
-        register(f"{self.name}.encoder", self.encoder)
-        with data_plate(z, num_data):
-            loc, scale = normal_head(self.encoder(z))
-            pyro.sample("u", dist.Normal(loc, scale).to_event(1))
+        return float(self.likelihood.log_gamma.detach().exp())
 
     @torch.no_grad()
     def sample(self, n: int, like: torch.Tensor, noise: bool = True) -> torch.Tensor:
