@@ -79,8 +79,9 @@ class VAE(nn.Module):
     One program, with two options on top of the plain ``x``: a boolean ``mask`` (True = observed) that
     conditions on the observed pixels only (the encoder then reads ``[x ⊙ m, m]``, see
     :meth:`encoder_input`), and a label ``y`` for a VAE built with ``n_classes`` (y ~ Cat(1/n) in the
-    model; in the guide, q(y | x) by ``classifier``, enumerated, where y is not given). The networks
-    see a label through :meth:`encode` and :meth:`decode`. ``event_dims`` are the dims of one datapoint.
+    model; in the guide, q(y | x) by ``classifier``, enumerated where y is not given: train it with
+    ``TraceEnum_ELBO``), whose networks take y as a second argument (see :meth:`encode`, :meth:`decode`).
+    ``event_dims`` are the dims of one datapoint.
     """
 
     def __init__(
@@ -118,7 +119,7 @@ class VAE(nn.Module):
         """p(y) = Cat(1/n_classes), for a label-conditioned VAE."""
         return dist.Categorical(logits=like.new_zeros(self.n_classes))
 
-    # -- the networks, as the program sees them (a label-conditioned VAE overrides both)
+    # -- the networks, as the program sees them: a network that reads a label takes it as its second argument
     @staticmethod
     def encoder_input(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[x with missing pixels set to FILL, mask] along the channel dim: missing values never reach the net."""
@@ -127,16 +128,14 @@ class VAE(nn.Module):
     def encode(
         self, x: torch.Tensor, y: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q(z | x[, y])'s (loc, scale); with ``mask``, from the observed pixels and the mask."""
-        if y is not None:
-            raise PyrovaeError(f"{type(self).__name__} has no label input; override encode() for one")
-        return self._run(self.encoder, x if mask is None else self.encoder_input(x, mask))
+        """q(z | x[, y])'s (loc, scale): ``encoder(x)`` or ``encoder(x, y)``; with ``mask``, the encoder reads
+        :meth:`encoder_input` (observed pixels and the mask) instead of x."""
+        inp = x if mask is None else self.encoder_input(x, mask)
+        return self._run(self.encoder, inp) if y is None else self.encoder(inp, y)
 
     def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """The decoder's output for codes ``z`` (and labels ``y``)."""
-        if y is not None:
-            raise PyrovaeError(f"{type(self).__name__} has no label input; override decode() for one")
-        return self._run(self.decoder, z)
+        """The decoder's output for codes ``z``: ``decoder(z)`` or ``decoder(z, y)``."""
+        return self._run(self.decoder, z) if y is None else self.decoder(z, y)
 
     def observation(self, out: torch.Tensor, mask: torch.Tensor | None = None) -> dist.Distribution:
         """p(x | z) from the decoder's output; with ``mask``, each missing pixel's log-prob is exactly zero."""
@@ -169,7 +168,12 @@ class VAE(nn.Module):
 
     # ... and in the data plate, as Pyro programs
     def model(
-        self, x: torch.Tensor, num_data: int | None = None, *, mask: torch.Tensor | None = None, y=None
+        self,
+        x: torch.Tensor,
+        num_data: int | None = None,
+        *,
+        mask: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
     ) -> None:
         register(f"{self.name}.decoder", self.decoder)  # each program registers only what it uses
         register(f"{self.name}.likelihood", self.likelihood)
@@ -177,7 +181,12 @@ class VAE(nn.Module):
             self.model_sites(x, y, mask)
 
     def guide(
-        self, x: torch.Tensor, num_data: int | None = None, *, mask: torch.Tensor | None = None, y=None
+        self,
+        x: torch.Tensor,
+        num_data: int | None = None,
+        *,
+        mask: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
     ) -> None:
         register(f"{self.name}.encoder", self.encoder)
         if self.n_classes and y is None:

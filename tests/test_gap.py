@@ -143,3 +143,22 @@ def test_cli_gap(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "expected a non-negative integer" in err[0]
+
+
+def test_local_fit_trains_only_the_local_guide_and_leaves_the_vae_bit_identical(recwarn):
+    """A learned-γ VAE in training mode (its likelihood has a parameter too): ``fit_local`` trains the per-datapoint
+    loc and scale only; every VAE parameter is bit-identical and trainable afterwards, and Pyro did not see any
+    of them (no 'not registered' warning from ``pyro.module``)."""
+    from pyrovae.models import build_vae
+    from pyrovae.nets import Arch
+
+    torch.manual_seed(0)
+    vae = build_vae((1, 4, 4), "gaussian-learned", Arch("mlp", (8,), "tanh", 2)).train()
+    before = {n: p.detach().clone() for n, p in vae.named_parameters()}
+    x = torch.rand(6, 1, 4, 4)
+    loc, scale, result = fit_local(vae, x, steps=30, lr=0.05)
+    assert set(result.params) == {"local.loc", "local.scale"}
+    assert not torch.equal(loc, vae.encoder(x)[0].detach())  # the local guide did move
+    for n, p in vae.named_parameters():
+        assert torch.equal(p, before[n]) and p.requires_grad and p.grad is None, n
+    assert not [w for w in recwarn if "not registered" in str(w.message)]

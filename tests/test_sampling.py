@@ -188,3 +188,33 @@ def test_samples_cli_bad_input_gives_one_line_and_exit_2(tmp_path, setup, messag
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in res.stderr and message in lines[0], res.stderr
     assert not (run / "samples.json").exists()
+
+
+def test_stage2_is_the_built_in_vae_on_codes():
+    """The stage-2 VAE is a :class:`VAE` (no program of its own): its model's log joint at given u and codes is
+    log N(u; 0, I) + log N(z; decoder(u), γ₂ I) (float32 rounding), γ₂ = exp(GAMMA_GAIN · raw); ``sample`` adds
+    N(0, γ₂) noise to the decoder's mean: the residual's sd is √γ₂ within 3% (16,000 draws: its s.e. is 0.6%)."""
+    import pyro.distributions as dist
+    import pyro.poutine as poutine
+
+    from pyrovae.models import VAE
+    from pyrovae.sampling import LatentVAE
+
+    torch.manual_seed(0)
+    stage2 = LatentVAE(4, hidden=(16,))
+    assert isinstance(stage2, VAE) and type(stage2).model is VAE.model and type(stage2).guide is VAE.guide
+    with torch.no_grad():
+        stage2.likelihood.raw_log_gamma.fill_(-0.1)
+    gamma = float(torch.tensor(-1.0).exp())
+    assert stage2.gamma == pytest.approx(gamma, rel=1e-6)
+    codes, u = torch.randn(5, 4), torch.randn(5, 4)
+    tr = poutine.trace(poutine.condition(stage2.model, {"z": u})).get_trace(codes)
+    expected = (
+        dist.Normal(0.0, 1.0).log_prob(u).sum() + dist.Normal(stage2.decoder(u), gamma**0.5).log_prob(codes).sum()
+    )
+    assert float(tr.log_prob_sum().detach()) == pytest.approx(float(expected), rel=1e-5)
+    torch.manual_seed(1)
+    noisy = stage2.sample(4000, codes)
+    torch.manual_seed(1)
+    mean = stage2.sample(4000, codes, noise=False)
+    assert float((noisy - mean).std()) == pytest.approx(gamma**0.5, rel=0.03)
