@@ -150,14 +150,14 @@ def _numpy_globals() -> list:
     return [*NUMPY_PICKLE_GLOBALS.values(), *_numpy_dtype_classes()]
 
 
-def make_fabric(size: int):
-    """Fabric on the CPU in full precision: one device, or DDP over the process group already up (gloo)."""
+def make_fabric(size: int, precision: str = "32-true"):
+    """Fabric on the CPU: one device, or DDP over the process group already up (gloo)."""
     if size == 1:
-        fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
+        fabric = Fabric(accelerator="cpu", devices=1, precision=precision)
     else:  # as pyrovae's DDP: buffers are constants here, not re-broadcast at every forward
         new_torch = "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
         strategy = DDPStrategy(**({"forward_sync_buffers": False} if new_torch else {"broadcast_buffers": False}))
-        fabric = Fabric(accelerator="cpu", devices=size, strategy=strategy, precision="32-true")
+        fabric = Fabric(accelerator="cpu", devices=size, strategy=strategy, precision=precision)
     fabric.launch()  # joins the process group pyrovae's setup made (Fabric sees torchrun's variables)
     return fabric
 
@@ -171,19 +171,24 @@ def fabric_program(splits, arch: str, elbo: str, bs: int, fabric, lr: float, see
 
 
 # ---------------------------------------------------------------------------------------------- speed
-def time_both(splits, arch: str, elbo: str, bs: int, repeats: int) -> dict[str, list[float]]:
-    """Seconds of each epoch per side, interleaved: one ``fit`` call, a Fabric epoch after each of its epochs.
-    The first epoch of each side is warm-up. Every rank runs this; each returns its own times."""
+def time_both(
+    splits, arch: str, elbo: str, bs: int, repeats: int, precisions: list[str]
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Seconds of each epoch per side, interleaved: one ``fit`` call, and after each of its epochs one epoch of
+    each Fabric side (one per precision, their order alternating). The first epoch of each side is warm-up.
+    Also each side's train ELBO at epoch ``repeats``. Every rank runs this; each returns its own."""
     size = ddp.world().size
-    loop = fabric_program(splits, arch, elbo, bs, make_fabric(size), 1e-3, 0)
-    times: dict[str, list[float]] = {"pyrovae": [], "fabric": []}
+    loops = {f: fabric_program(splits, arch, elbo, bs, make_fabric(size, f), 1e-3, 0) for f in precisions}
+    times: dict[str, list[float]] = {"pyrovae": [], **{f: [] for f in precisions}}
+    elbos: dict[str, float] = {}
 
     def fabric_epoch(row: dict) -> None:
         if row["epoch"] > repeats:  # the last pyrovae epoch closes the last pair
             return
-        t0 = time.perf_counter()
-        loop.train_epoch()
-        times["fabric"].append(time.perf_counter() - t0)
+        for f in precisions if row["epoch"] % 2 else precisions[::-1]:
+            t0 = time.perf_counter()
+            elbos[f] = loops[f].train_epoch()
+            times[f].append(time.perf_counter() - t0)
 
     torch.manual_seed(0)
     ours = build(splits, arch, "vae")
@@ -191,9 +196,8 @@ def time_both(splits, arch: str, elbo: str, bs: int, repeats: int) -> dict[str, 
         ours.model, ours.guide, splits.train, elbo=elbo, epochs=repeats + 1, batch_size=bs, seed=0, quiet=True,
         callback=fabric_epoch,
     )  # fmt: skip
-    times["pyrovae"] = [row["seconds"] for row in res.history][1:]
-    times["fabric"] = times["fabric"][1:]
-    return times
+    elbos["pyrovae"] = res.history[repeats - 1]["train_elbo"]
+    return {side: t[1:] for side, t in times.items()} | {"pyrovae": [r["seconds"] for r in res.history][1:]}, elbos
 
 
 def _free_port() -> int:
@@ -211,14 +215,15 @@ def _worker(rank: int, nproc: int, port: int, args: argparse.Namespace, out: str
     torch.set_num_threads(1)
     ddp.setup(torch.device("cpu"))
     try:
-        times = time_both(load_splits(args, args.train_size), args.arch, args.elbo, args.batch_size, args.repeats)
+        splits = load_splits(args, args.train_size)
+        times = time_both(splits, args.arch, args.elbo, args.batch_size, args.repeats, ["32-true"])
         if rank == 0:
             torch.save(times, out)
     finally:
         ddp.teardown()
 
 
-def time_ddp(nproc: int, args: argparse.Namespace) -> dict[str, list[float]]:
+def time_ddp(nproc: int, args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Rank 0's epoch times with ``nproc`` gloo processes of one thread each (fresh processes)."""
     os.environ["OMP_NUM_THREADS"] = "1"
     with tempfile.TemporaryDirectory() as tmp:
@@ -227,16 +232,18 @@ def time_ddp(nproc: int, args: argparse.Namespace) -> dict[str, list[float]]:
         return torch.load(out)
 
 
-def speed_row(label: str, times: dict[str, list[float]], n: int, bs: int) -> list:
-    med = {s: statistics.median(t) for s, t in times.items()}
-    ours, theirs = times["pyrovae"], times["fabric"]
+def speed_row(label: str, side: str, times: dict[str, list[float]], elbos: dict[str, float], bs: int) -> list:
+    """A table row: pyrovae against the Fabric ``side``; ratios > 1 mean pyrovae is slower."""
+    med = {s: statistics.median(times[s]) for s in ("pyrovae", side)}
+    ours, theirs = times["pyrovae"], times[side]
     # each Fabric epoch against the mean of the two pyrovae epochs around it
     paired = sorted(0.5 * (ours[i] + ours[i + 1]) / theirs[i] for i in range(min(len(ours) - 1, len(theirs))))
     q1, q3 = paired[len(paired) // 4], paired[(3 * len(paired)) // 4]
     return (
-        [label, bs, n]
-        + [f"{med[s]:.3f} ({min(times[s]):.3f}–{max(times[s]):.3f})" for s in ("pyrovae", "fabric")]
-        + [f"{med['pyrovae'] / med['fabric']:.3f}", f"**{statistics.median(paired):.3f}** ({q1:.3f}–{q3:.3f})"]
+        [label, side, bs]
+        + [f"{med[s]:.3f} ({min(times[s]):.3f}–{max(times[s]):.3f})" for s in ("pyrovae", side)]
+        + [f"{med['pyrovae'] / med[side]:.3f}", f"**{statistics.median(paired):.3f}** ({q1:.3f}–{q3:.3f})"]
+        + [f"{elbos['pyrovae']:.2f} / {elbos[side]:.2f}"]
     )
 
 
@@ -286,16 +293,22 @@ def resume_fabric(splits, arch: str, elbo: str, bs: int, tmp: Path, rng: bool) -
 
 
 # ---------------------------------------------------------------------------------------------- lines
-# what Fabric would do for each function of the layer: (replaced?, why)
+# what Fabric would do for each function of the layer: (replaced: True, False or that many of its lines; why)
 LAYER = {
     "pyrovae/distributed.py": {
         "world": (True, "fabric.global_rank / world_size"),
-        "launched": (True, "Fabric's cluster environments"),
-        "env_rank": (True, "Fabric's cluster environments"),
+        "launched": (True, "Fabric's cluster environments (once a Fabric exists)"),
+        "env_rank": (True, "same"),
         "setup": (True, "fabric.launch() joins the group, picks gloo/NCCL and the rank's device"),
-        "teardown": (False, "Fabric never destroys the group; a rank leaving early still aborts gloo"),
+        "teardown": (
+            False,
+            "Fabric's API has no teardown; ours waits at a barrier so that no rank aborts another's gloo",
+        ),
         "check_nproc": (False, "one-line errors for --nproc; Fabric raises its own exceptions"),
-        "launch": (True, "Fabric(devices=N).launch() re-runs the script per rank (or `fabric run`)"),
+        "launch": (
+            True,
+            "Fabric(devices=N).launch() re-runs the script per rank (our wait for the Ctrl-C checkpoint aside)",
+        ),
         "mix_seed": (False, "sharding of device-resident data: Fabric only shards DataLoaders"),
         "shared_seed": (False, "same (fabric.broadcast would shorten it by ~2 lines)"),
         "epoch_permutation": (False, "same"),
@@ -308,7 +321,7 @@ LAYER = {
         "assert_same_params": (False, "no drift check in Fabric"),
         "GradSync": (False, "Fabric needs an nn.Module: pyro.param programs and loss_and_grads estimators have none"),
         "_ELBOLoss": (False, "Fabric too needs the loss as a module's forward (LossModule above)"),
-        "data_parallel": (False, "choosing DDP vs all-reduce stays; only its DDP(...) call (~8 lines) becomes setup"),
+        "data_parallel": (8, "choosing DDP vs all-reduce stays; its DDP(...) call (8 lines) becomes fabric.setup"),
     },
     "pyrovae/train/strategy.py": {
         "Strategy": (False, "the loop's interface to sharding and collectives; bodies would call Fabric"),
@@ -321,7 +334,11 @@ LAYER = {
         "check_params": (False, "name/shape check with a one-line error; Fabric's strict load raises torch's"),
         "rng_state": (False, "Fabric saves no RNG state"),
         "set_rng_state": (False, "same"),
-        "TrainState": (False, "perm, batch, partial sums, perm seed, every rank's RNG: not Fabric's"),
+        "TrainState": (
+            False,
+            "perm, batch, partial sums, perm seed, every rank's RNG: not Fabric's; params are keyed by param-store "
+            "name (pyro.param programs have no module for fabric.load to fill)",
+        ),
     },
 }
 
@@ -337,24 +354,41 @@ def function_lines(path: Path) -> dict[str, int]:
 
 
 def lines_table() -> tuple[str, int, int, int]:
-    rows, replaced_total, layer_total = [], 0, 0
+    rows, reasons, replaced_total, layer_total = [], [], 0, 0
     for rel, verdicts in LAYER.items():
         path = ROOT / rel
         lines = function_lines(path)
         file_total = len(path.read_text().splitlines())
-        replaced = [name for name, (yes, _) in verdicts.items() if yes]
-        n_replaced = sum(lines[name] for name in replaced)
-        kept = [f"{name} ({lines[name]})" for name, (yes, _) in verdicts.items() if not yes]
-        rows.append(
-            [rel, file_total, n_replaced, ", ".join(f"{n} ({lines[n]})" for n in replaced) or "–", ", ".join(kept)]
-        )
+        count = {name: lines[name] if v is True else int(v) for name, (v, _) in verdicts.items()}
+        n_replaced = sum(count.values())
+        replaced = [f"{n} ({count[n]}{'' if count[n] == lines[n] else f' of {lines[n]}'})" for n in count if count[n]]
+        kept = [f"{n} ({lines[n]})" for n, (v, _) in verdicts.items() if v is False]
+        rows.append([rel, file_total, n_replaced, ", ".join(replaced) or "–", ", ".join(kept)])
         replaced_total, layer_total = replaced_total + n_replaced, layer_total + file_total
-    glue = sum(len(inspect.getsourcelines(obj)[0]) for obj in (LossModule, FabricLoop, make_fabric))
+        for name, (v, why) in verdicts.items():
+            if why.startswith("same") and reasons:
+                reasons[-1][1].append(name)
+                reasons[-1][2] += why[4:]
+            else:
+                reasons.append(["kept" if v is False else "replaced" if v is True else "partly replaced", [name], why])
+    fabric_only = sum(_lines(f) for f in (LossModule, make_fabric, FabricLoop.state, FabricLoop.save, FabricLoop.load))
+    loop = _lines(FabricLoop.__init__) + _lines(FabricLoop.train_epoch)
+    glue = f"glue: {fabric_only} Fabric-specific + {loop} of loop (see below)"
     table = markdown_table(
         ["file", "lines", "lines Fabric replaces", "replaced (lines)", "kept (lines)"],
-        rows + [["total", layer_total, replaced_total, "", f"glue to adopt Fabric: {glue} lines"]],
+        rows + [["total", layer_total, replaced_total, "", glue]],
     )
-    return table, layer_total, replaced_total, glue
+    table += "\n\n" + "\n".join(f"- {what}: {', '.join(names)}: {why}" for what, names, why in reasons)
+    table += (
+        f"\n- glue: {fabric_only} lines Fabric-specific (LossModule, make_fabric, FabricLoop.state/save/load in the "
+        f"script), plus {loop} lines of FabricLoop.__init__/train_epoch, which mirror Loop.step/train_epoch (adopting "
+        "Fabric would edit those, not add them)"
+    )
+    return table, layer_total, replaced_total, fabric_only
+
+
+def _lines(obj) -> int:
+    return len(inspect.getsourcelines(obj)[0])
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -376,6 +410,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=100, help="per process")
     p.add_argument("--repeats", type=int, default=9, help="timed epochs per side (one more is warm-up)")
     p.add_argument("--nproc", type=int, default=[1, 2], nargs="+", help="process counts to time (gloo)")
+    p.add_argument(
+        "--precision",
+        default=["32-true", "bf16-mixed"],
+        nargs="+",
+        help="Fabric precisions timed in one process (several processes: 32-true only)",
+    )
     p.add_argument("--resume-size", type=int, default=1000, help="training images of the resume checks")
     args = p.parse_args()
     if Fabric is None:
@@ -388,13 +428,15 @@ def main() -> None:
     speed = []
     for nproc in args.nproc:
         if nproc == 1:
-            times = time_both(load_splits(args, args.train_size), args.arch, args.elbo, args.batch_size, args.repeats)
-            label = f"1 process × {torch.get_num_threads()} threads"
+            splits = load_splits(args, args.train_size)
+            times, elbos = time_both(splits, args.arch, args.elbo, args.batch_size, args.repeats, args.precision)
+            label = f"1 × {torch.get_num_threads()} threads"
         else:
-            times = time_ddp(nproc, args)
-            label = f"{nproc} processes × 1 thread (gloo DDP)"
-        speed.append(speed_row(label, times, args.train_size, args.batch_size))
-        print(speed[-1], flush=True)
+            times, elbos = time_ddp(nproc, args)
+            label = f"{nproc} × 1 thread, gloo DDP"
+        for side in [s for s in times if s != "pyrovae"]:
+            speed.append(speed_row(label, side, times, elbos, args.batch_size))
+            print(speed[-1], flush=True)
 
     small = load_splits(args, args.resume_size)
     resume = []
@@ -418,16 +460,17 @@ def main() -> None:
         markdown_table(
             [
                 "processes",
+                "Fabric precision",
                 "batch each",
-                "N train",
                 "pyrovae s/epoch (range)",
                 "Fabric s/epoch (range)",
                 "ratio of medians",
                 "paired ratio, median (quartiles)",
+                f"train ELBO at epoch {args.repeats}: pyrovae / Fabric",
             ],
             speed,
         )  # fmt: skip
-        + "\n\nExact resume (2 epochs straight vs stopped, RNG scrambled, fresh model, resumed), "
+        + f"\n\nN train {args.train_size}; ratios above 1: pyrovae slower.\n\nExact resume (2 epochs straight vs stopped, RNG scrambled, fresh model, resumed), "
         + f"N={args.resume_size}, batch {args.batch_size}, dynamic binarisation (draws from the RNG):\n\n"
         + markdown_table(
             ["trainer", "stopped", "state saved", "parameters bit-identical", "Adam state bit-identical"], resume
@@ -446,7 +489,7 @@ def main() -> None:
         f"{args.repeats}+1 epochs, a Fabric epoch after each (first epochs warm-up); with several processes Fabric "
         f"joins pyrovae's process group and wraps the same loss module in its own DDP; rank 0's times. "
         f"FABRIC_SITE: lightning-fabric and lightning-utilities installed with `pip install --no-deps --target`. "
-        f"Fabric would replace {replaced} of the layer's {layer_total} lines and need {glue} lines of glue.",
+        f"Fabric would replace {replaced} of the layer's {layer_total} lines and need {glue} lines of Fabric-specific glue.",
     )
 
 
