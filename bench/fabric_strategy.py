@@ -47,7 +47,7 @@ from pyrovae.hostmem import keep_freed_memory  # noqa: E402
 from pyrovae.infer import make_elbo  # noqa: E402
 from pyrovae.models import VAE, vae_parts  # noqa: E402
 from pyrovae.paramstore import fresh_param_store  # noqa: E402
-from pyrovae.train import load_checkpoint  # noqa: E402
+from pyrovae.train import Callback, load_checkpoint  # noqa: E402
 from pyrovae.train.program import Program, as_args  # noqa: E402
 
 try:
@@ -171,33 +171,54 @@ def fabric_program(splits, arch: str, elbo: str, bs: int, fabric, lr: float, see
 
 
 # ---------------------------------------------------------------------------------------------- speed
+class EpochClock(Callback):
+    """Times each of ``fit``'s epochs (wall and CPU seconds, up to its end-of-epoch callbacks), then runs one epoch
+    of each Fabric side, timed alike. CPU seconds (``time.process_time``) are what a framework's overhead costs,
+    and barely move when other work shares the cores, where wall seconds can swing several-fold."""
+
+    def __init__(self, loops: dict[str, FabricLoop], repeats: int) -> None:
+        self.loops, self.repeats = loops, repeats
+        self.times: dict[str, list[tuple[float, float]]] = {"pyrovae": [], **{f: [] for f in loops}}
+        self.elbos: dict[str, float] = {}
+
+    def mark(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def lap(self, side: str) -> None:
+        self.times[side].append((time.perf_counter() - self.wall, time.process_time() - self.cpu))
+        self.mark()
+
+    def on_fit_start(self, loop) -> None:
+        self.mark()
+
+    def on_epoch_end(self, loop, row: dict[str, float]) -> None:
+        self.lap("pyrovae")
+        if row["epoch"] > self.repeats:  # the last pyrovae epoch closes the last pair
+            return
+        sides = list(self.loops)
+        for f in sides if row["epoch"] % 2 else sides[::-1]:  # alternate their order
+            self.elbos[f] = self.loops[f].train_epoch()
+            self.lap(f)
+
+
 def time_both(
     splits, arch: str, elbo: str, bs: int, repeats: int, precisions: list[str]
-) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Seconds of each epoch per side, interleaved: one ``fit`` call, and after each of its epochs one epoch of
-    each Fabric side (one per precision, their order alternating). The first epoch of each side is warm-up.
-    Also each side's train ELBO at epoch ``repeats``. Every rank runs this; each returns its own."""
+) -> tuple[dict[str, list[tuple[float, float]]], dict[str, float]]:
+    """(wall, CPU) seconds of each epoch per side, interleaved: one ``fit`` call, and after each of its epochs one
+    epoch of each Fabric side (one per precision). The first epoch of each side is warm-up. Also each side's
+    train ELBO at epoch ``repeats``. Every rank runs this; each returns its own."""
     size = ddp.world().size
-    loops = {f: fabric_program(splits, arch, elbo, bs, make_fabric(size, f), 1e-3, 0) for f in precisions}
-    times: dict[str, list[float]] = {"pyrovae": [], **{f: [] for f in precisions}}
-    elbos: dict[str, float] = {}
-
-    def fabric_epoch(row: dict) -> None:
-        if row["epoch"] > repeats:  # the last pyrovae epoch closes the last pair
-            return
-        for f in precisions if row["epoch"] % 2 else precisions[::-1]:
-            t0 = time.perf_counter()
-            elbos[f] = loops[f].train_epoch()
-            times[f].append(time.perf_counter() - t0)
-
+    clock = EpochClock(
+        {f: fabric_program(splits, arch, elbo, bs, make_fabric(size, f), 1e-3, 0) for f in precisions}, repeats
+    )
     torch.manual_seed(0)
     ours = build(splits, arch, "vae")
     res = fit(
         ours.model, ours.guide, splits.train, elbo=elbo, epochs=repeats + 1, batch_size=bs, seed=0, quiet=True,
-        callback=fabric_epoch,
+        callbacks=[clock],
     )  # fmt: skip
-    elbos["pyrovae"] = res.history[repeats - 1]["train_elbo"]
-    return {side: t[1:] for side, t in times.items()} | {"pyrovae": [r["seconds"] for r in res.history][1:]}, elbos
+    clock.elbos["pyrovae"] = res.history[repeats - 1]["train_elbo"]
+    return {side: t[1:] for side, t in clock.times.items()}, clock.elbos
 
 
 def _free_port() -> int:
@@ -232,17 +253,22 @@ def time_ddp(nproc: int, args: argparse.Namespace) -> tuple[dict[str, list[float
         return torch.load(out)
 
 
-def speed_row(label: str, side: str, times: dict[str, list[float]], elbos: dict[str, float], bs: int) -> list:
-    """A table row: pyrovae against the Fabric ``side``; ratios > 1 mean pyrovae is slower."""
-    med = {s: statistics.median(times[s]) for s in ("pyrovae", side)}
-    ours, theirs = times["pyrovae"], times[side]
-    # each Fabric epoch against the mean of the two pyrovae epochs around it
+def _paired(ours: list[float], theirs: list[float]) -> str:
+    """Each Fabric epoch against the mean of the two pyrovae epochs around it: median (quartiles)."""
     paired = sorted(0.5 * (ours[i] + ours[i + 1]) / theirs[i] for i in range(min(len(ours) - 1, len(theirs))))
     q1, q3 = paired[len(paired) // 4], paired[(3 * len(paired)) // 4]
+    return f"{statistics.median(paired):.3f} ({q1:.3f}–{q3:.3f})"
+
+
+def speed_row(label: str, side: str, times: dict[str, list[tuple[float, float]]], elbos: dict[str, float]) -> list:
+    """A table row: pyrovae against the Fabric ``side``; ratios > 1 mean pyrovae is slower."""
+    wall = {s: [t[0] for t in times[s]] for s in ("pyrovae", side)}
+    cpu = {s: [t[1] for t in times[s]] for s in ("pyrovae", side)}
     return (
-        [label, side, bs]
-        + [f"{med[s]:.3f} ({min(times[s]):.3f}–{max(times[s]):.3f})" for s in ("pyrovae", side)]
-        + [f"{med['pyrovae'] / med[side]:.3f}", f"**{statistics.median(paired):.3f}** ({q1:.3f}–{q3:.3f})"]
+        [label, side]
+        + [f"{statistics.median(cpu[s]):.3f} ({min(cpu[s]):.3f}–{max(cpu[s]):.3f})" for s in ("pyrovae", side)]
+        + [f"**{_paired(cpu['pyrovae'], cpu[side])}**", _paired(wall["pyrovae"], wall[side])]
+        + [f"{statistics.median(wall[s]):.2f}" for s in ("pyrovae", side)]
         + [f"{elbos['pyrovae']:.2f} / {elbos[side]:.2f}"]
     )
 
@@ -409,6 +435,7 @@ def main() -> None:
     p.add_argument("--elbo", default="meanfield", choices=["meanfield", "trace", "iwae"])
     p.add_argument("--batch-size", type=int, default=100, help="per process")
     p.add_argument("--repeats", type=int, default=9, help="timed epochs per side (one more is warm-up)")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads of the one-process row")
     p.add_argument("--nproc", type=int, default=[1, 2], nargs="+", help="process counts to time (gloo)")
     p.add_argument(
         "--precision",
@@ -425,17 +452,18 @@ def main() -> None:
     from lightning_fabric import __version__ as fabric_version
 
     keep_freed_memory()  # as the CLI does for training
+    torch.set_num_threads(args.threads)
     speed = []
     for nproc in args.nproc:
         if nproc == 1:
             splits = load_splits(args, args.train_size)
             times, elbos = time_both(splits, args.arch, args.elbo, args.batch_size, args.repeats, args.precision)
-            label = f"1 × {torch.get_num_threads()} threads"
+            label = f"1 × {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}"
         else:
             times, elbos = time_ddp(nproc, args)
             label = f"{nproc} × 1 thread, gloo DDP"
         for side in [s for s in times if s != "pyrovae"]:
-            speed.append(speed_row(label, side, times, elbos, args.batch_size))
+            speed.append(speed_row(label, side, times, elbos))
             print(speed[-1], flush=True)
 
     small = load_splits(args, args.resume_size)
@@ -461,16 +489,17 @@ def main() -> None:
             [
                 "processes",
                 "Fabric precision",
-                "batch each",
-                "pyrovae s/epoch (range)",
-                "Fabric s/epoch (range)",
-                "ratio of medians",
-                "paired ratio, median (quartiles)",
+                "pyrovae CPU s/epoch (range)",
+                "Fabric CPU s/epoch (range)",
+                "paired CPU ratio, median (quartiles)",
+                "paired wall ratio, median (quartiles)",
+                "pyrovae wall s/epoch",
+                "Fabric wall s/epoch",
                 f"train ELBO at epoch {args.repeats}: pyrovae / Fabric",
             ],
             speed,
         )  # fmt: skip
-        + f"\n\nN train {args.train_size}; ratios above 1: pyrovae slower.\n\nExact resume (2 epochs straight vs stopped, RNG scrambled, fresh model, resumed), "
+        + f"\n\nN train {args.train_size}, batch {args.batch_size} per process; ratios above 1: pyrovae slower.\n\nExact resume (2 epochs straight vs stopped, RNG scrambled, fresh model, resumed), "
         + f"N={args.resume_size}, batch {args.batch_size}, dynamic binarisation (draws from the RNG):\n\n"
         + markdown_table(
             ["trainer", "stopped", "state saved", "parameters bit-identical", "Adam state bit-identical"], resume
@@ -483,13 +512,16 @@ def main() -> None:
         f"{args.elbo}, cpu)",
         tables,
         "PYTHONPATH=.:FABRIC_SITE python bench/fabric_strategy.py " + " ".join(sys.argv[1:]),
-        f"Both sides train the same networks on the same data with the same Pyro loss (pyrovae's Program); "
-        f"Fabric: `Fabric(accelerator='cpu', precision='32-true')`, `setup`, `backward`, `all_reduce`, "
-        f"`save`/`load` ({FabricLoop.__name__} in the script). Timing as in train_speed.py: one fit call of "
-        f"{args.repeats}+1 epochs, a Fabric epoch after each (first epochs warm-up); with several processes Fabric "
-        f"joins pyrovae's process group and wraps the same loss module in its own DDP; rank 0's times. "
-        f"FABRIC_SITE: lightning-fabric and lightning-utilities installed with `pip install --no-deps --target`. "
-        f"Fabric would replace {replaced} of the layer's {layer_total} lines and need {glue} lines of Fabric-specific glue.",
+        f"Both sides train the same networks on the same data with the same Pyro loss (pyrovae's Program); Fabric: "
+        "`Fabric(accelerator='cpu', precision=...)`, `setup`, `backward`, `all_reduce`, `save`/`load` (FabricLoop "
+        f"in the script). Interleaved: one fit call of {args.repeats}+1 epochs, and after each of its epochs one epoch "
+        "per Fabric side (first epochs warm-up). Paired ratio: each Fabric epoch against the mean of the pyrovae "
+        "epochs either side of it. CPU seconds (process_time) carry the verdict: on a shared box wall seconds swing "
+        "several-fold with the other load, CPU seconds barely. With several processes, Fabric joins pyrovae's "
+        "process group and wraps the same loss module in its own DDP; rank 0's times. FABRIC_SITE: "
+        "lightning-fabric and lightning-utilities installed with `pip install --no-deps --target` (no torch "
+        f"change). Fabric would replace {replaced} of the layer's {layer_total} lines and need {glue} lines of "
+        "Fabric-specific glue.",
     )
 
 
