@@ -150,8 +150,27 @@ def _numpy_globals() -> list:
     return [*NUMPY_PICKLE_GLOBALS.values(), *_numpy_dtype_classes()]
 
 
+class NoFabric:
+    """A pass-through stand-in for Fabric on one process: the same loop without Fabric's wrappers, to tell their
+    cost apart from the loop's."""
+
+    world_size, global_rank = 1, 0
+
+    def setup(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple:
+        return module, optimizer
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def all_reduce(self, t: torch.Tensor, reduce_op: str = "sum") -> torch.Tensor:
+        return t
+
+
 def make_fabric(size: int, precision: str = "32-true"):
-    """Fabric on the CPU: one device, or DDP over the process group already up (gloo)."""
+    """Fabric on the CPU: one device, or DDP over the process group already up (gloo). ``precision="none"``: no
+    Fabric at all (:class:`NoFabric`, one process)."""
+    if precision == "none":
+        return NoFabric()
     if size == 1:
         fabric = Fabric(accelerator="cpu", devices=1, precision=precision)
     else:  # as pyrovae's DDP: buffers are constants here, not re-broadcast at every forward
@@ -265,12 +284,22 @@ def speed_row(label: str, side: str, times: dict[str, list[tuple[float, float]]]
     wall = {s: [t[0] for t in times[s]] for s in ("pyrovae", side)}
     cpu = {s: [t[1] for t in times[s]] for s in ("pyrovae", side)}
     return (
-        [label, side]
+        [label, "no Fabric (same loop)" if side == "none" else side]
         + [f"{statistics.median(cpu[s]):.3f} ({min(cpu[s]):.3f}–{max(cpu[s]):.3f})" for s in ("pyrovae", side)]
         + [f"**{_paired(cpu['pyrovae'], cpu[side])}**", _paired(wall["pyrovae"], wall[side])]
         + [f"{statistics.median(wall[s]):.2f}" for s in ("pyrovae", side)]
+        + [_same_epoch(times, side)]
         + [f"{elbos['pyrovae']:.2f} / {elbos[side]:.2f}"]
     )
+
+
+def _same_epoch(times: dict[str, list[tuple[float, float]]], side: str) -> str:
+    """Fabric's CPU seconds over those of the same loop without Fabric, epoch by epoch (they run back to back)."""
+    if "none" not in times or side == "none":
+        return "–"
+    ratios = sorted(f[1] / n[1] for f, n in zip(times[side], times["none"]))
+    q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
+    return f"{statistics.median(ratios):.3f} ({q1:.3f}–{q3:.3f})"
 
 
 # --------------------------------------------------------------------------------------------- resume
@@ -316,6 +345,74 @@ def resume_fabric(splits, arch: str, elbo: str, bs: int, tmp: Path, rng: bool) -
     resumed.train_epoch()
     params = [dict(loop.module.named_parameters()) for loop in (straight, resumed)]
     return _same(*params), _opt_same(straight.optimizer.state_dict(), resumed.optimizer.state_dict())
+
+
+# ------------------------------------------------------------------------------------------ file I/O
+class _Foreign:
+    """Unpickles to a call of ``os.getcwd``: stands for code planted in a checkpoint."""
+
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def _outcome(load) -> str:
+    try:
+        load()
+    except Exception as exc:  # what each side raises is the point here
+        lines = len(str(exc).strip().splitlines())
+        return f"refused: {type(exc).__name__}, {lines}-line message"
+    return "loaded"
+
+
+def _saving(save) -> str:
+    """Where a save's temporary file goes and whether it is fsync'ed (both recorded by wrapping the calls)."""
+    seen: dict[str, object] = {"dirs": [], "fsync": 0}
+    mkstemp, fsync = tempfile.mkstemp, os.fsync
+
+    def record_mkstemp(*a, **kw):
+        seen["dirs"].append(kw.get("dir"))
+        return mkstemp(*a, **kw)
+
+    def record_fsync(fd):
+        seen["fsync"] += 1
+        return fsync(fd)
+
+    tempfile.mkstemp, os.fsync = record_mkstemp, record_fsync
+    try:
+        save()
+    finally:
+        tempfile.mkstemp, os.fsync = mkstemp, fsync
+    where = ", ".join("system temp dir" if d is None else "beside the target" for d in seen["dirs"]) or "none"
+    return f"temporary file: {where}; fsync: {'yes' if seen['fsync'] else 'no'}"
+
+
+def io_checks(tmp: Path) -> list[list[str]]:
+    """Fabric's save/load against pyrovae's atomic_write/load_weights on the same states."""
+    from pyrovae.files import atomic_write, load_weights
+
+    fabric = make_fabric(1)
+    state = {"w": torch.zeros(3), "rng": pyro.util.get_rng_state()}
+    rows = [
+        [
+            "save a state",
+            _saving(lambda: fabric.save(tmp / "f.ckpt", state)),
+            _saving(lambda: atomic_write(tmp / "p.ckpt", lambda f: torch.save(state, f))),
+        ],
+        [
+            "load it back (numpy's RNG state inside)",
+            _outcome(lambda: fabric.load(tmp / "f.ckpt")),
+            _outcome(lambda: load_weights(tmp / "p.ckpt")),
+        ],
+    ]
+    torch.save({"w": torch.zeros(3), "x": _Foreign()}, tmp / "foreign.ckpt")
+    rows.append(
+        [
+            "load a checkpoint that names a function",
+            _outcome(lambda: fabric.load(tmp / "foreign.ckpt")),
+            _outcome(lambda: load_weights(tmp / "foreign.ckpt")),
+        ]
+    )
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- lines
@@ -439,9 +536,10 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=[1, 2], nargs="+", help="process counts to time (gloo)")
     p.add_argument(
         "--precision",
-        default=["32-true", "bf16-mixed"],
+        default=["32-true", "bf16-mixed", "none"],
         nargs="+",
-        help="Fabric precisions timed in one process (several processes: 32-true only)",
+        help="Fabric precisions timed in one process (several processes: 32-true only); none: the same loop "
+        "without Fabric",
     )
     p.add_argument("--resume-size", type=int, default=1000, help="training images of the resume checks")
     args = p.parse_args()
@@ -481,6 +579,7 @@ def main() -> None:
             p_same, o_same = resume_fabric(small, args.arch, args.elbo, args.batch_size, Path(tmp), rng)
             saved = "module, optimizer, epoch" + (" + RNG states (by hand)" if rng else "")
             resume.append(["Fabric save/load", "after epoch 1", saved, p_same, o_same])
+        io = io_checks(Path(tmp))
     resume = [[*row[:3], "**yes**" if row[3] else "no", "yes" if row[4] else "no"] for row in resume]
     lines, layer_total, replaced, glue = lines_table()
 
@@ -495,6 +594,7 @@ def main() -> None:
                 "paired wall ratio, median (quartiles)",
                 "pyrovae wall s/epoch",
                 "Fabric wall s/epoch",
+                "CPU: Fabric / same loop without it",
                 f"train ELBO at epoch {args.repeats}: pyrovae / Fabric",
             ],
             speed,
@@ -504,6 +604,8 @@ def main() -> None:
         + markdown_table(
             ["trainer", "stopped", "state saved", "parameters bit-identical", "Adam state bit-identical"], resume
         )
+        + "\n\nCheckpoint I/O, on the same states (recorded by wrapping tempfile.mkstemp and os.fsync):\n\n"
+        + markdown_table(["", "Fabric save / load", "pyrovae atomic_write / load_weights"], io)
         + "\n\nLines of the layer (functions and classes by `ast`, docstrings included):\n\n"
         + lines
     )
