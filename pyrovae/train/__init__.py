@@ -7,9 +7,9 @@ epoch loop), ``validation`` (``evaluate_elbo``).
 
 Data-parallel: when a ``torch.distributed`` process group of several ranks is up (torchrun), each
 rank trains on its shard of every epoch and gradients are averaged; see :mod:`pyrovae.distributed`.
-Plain DDP rather than PyTorch Lightning Fabric (not measured here): the loop resumes bit-exactly
-mid-epoch from its own state (permutation, partial sums, every rank's RNG) and Pyro's param store
-stays the home of parameters; Fabric's strategy and checkpoint layer would own both.
+Plain DDP rather than PyTorch Lightning Fabric (measured by ``bench/fabric_strategy.py``: no faster, not
+exact on resume without this state, 64 of ~540 lines saved): the loop resumes bit-exactly mid-epoch from its own
+state (permutation, partial sums, every rank's RNG) and Pyro's param store stays the home of parameters.
 """
 
 from ..files import atomic_write, write_json
