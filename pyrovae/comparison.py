@@ -38,7 +38,8 @@ from .gmm import GMM
 from .handlers import off_rng
 from .reports import fmt, markdown_table
 from .runs import load_module_state, read_config, record_config, resolve_device, train_vae
-from .train import fit
+from .train import fit, load_checkpoint
+from .train.state import load_modules
 
 REPRESENTATIONS = {
     # name: (VAE settings, mixture family, bits/dim kind)
@@ -359,12 +360,32 @@ def load_mixture(run_dir: Path, family: str, like) -> tuple[GMM, float]:
     (k-means scales included) comes from the checkpoint."""
     if not (run_dir / "config.json").is_file():
         raise PyrovaeError(f"{run_dir} is not a mixture run folder: no config.json")
+    if (run_dir / "model.pt").is_file():  # written by an earlier release: its whole state_dict in model.pt
+        return _load_old_mixture(run_dir, family, like)
     cfg = read_config(run_dir)
     if cfg.kind != "gmm" or cfg.model.family != family:
         raise PyrovaeError(f"{run_dir} holds no {family} mixture, as this representation needs")
     m = cfg.model
     gmm = GMM(m.k, like.shape, covariance=m.covariance, family=family).to(like.device)
     load_module_state(gmm, run_dir / "checkpoint.pt", like.device)
+    return gmm, sum(float(r) for r in _metric_column(run_dir, "seconds"))
+
+
+def _load_old_mixture(run_dir: Path, family: str, like) -> tuple[GMM, float]:
+    """A mixture folder of an earlier release: a flat config (``model: gmm``, ``k``, ``family``, ``covariance``) and
+    the state_dict, buffers included, in ``model.pt``."""
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PyrovaeError(f"{run_dir / 'config.json'} is not valid JSON: {exc}") from None
+    if not isinstance(cfg, dict) or cfg.get("model") != "gmm" or cfg.get("family") != family:
+        raise PyrovaeError(f"{run_dir} holds no {family} mixture, as this representation needs")
+    k, covariance = cfg.get("k"), cfg.get("covariance")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or covariance not in ("diag", "full"):
+        raise PyrovaeError(f"{run_dir / 'config.json'}: 'k' or 'covariance' is missing or not valid")
+    gmm = GMM(k, like.shape, covariance=covariance, family=family).to(like.device)
+    state = load_checkpoint(run_dir / "model.pt", map_location=like.device)
+    load_modules(run_dir / "model.pt", {"model": state}, {"model": gmm})
     return gmm, sum(float(r) for r in _metric_column(run_dir, "seconds"))
 
 

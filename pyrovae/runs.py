@@ -19,15 +19,13 @@ from typing import Any
 import pyro
 import torch
 
-from .config import CONFIG_VERSION, MAX_SEED, ModelConfig, RunConfig
+from .config import CONFIG_VERSION, MAX_SEED, ModelConfig, RunConfig  # noqa: F401  (MAX_SEED: read from here by the CLI)
 from .data import Pixels, Splits, load_dataset, make_splits, synthetic
 from .errors import PyrovaeError
 from .infer import check_alpha
 from .models import VAE, build_vae
 from .nets import ACTIVATIONS, PRESETS, Arch
 from .paramstore import forget_module
-
-__all__ = ["BUILDERS", "CONFIG_VERSION", "MAX_SEED", "Builder", "RunConfig", "load_run", "read_config"]
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -183,6 +183,29 @@ def test_the_mixture_buffers_come_back_from_its_checkpoint(tiny_splits, tmp_path
         assert torch.equal(v, w), k
     with pytest.raises(PyrovaeError, match="holds no bernoulli mixture"):
         load_mixture(tmp_path, "bernoulli", tiny_splits.train)
+    # a mixture folder of the previous release: flat config, the whole state_dict in model.pt
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(tmp_path / "metrics.csv", old)
+    flat = {"model": "gmm", "k": 3, "family": "gaussian", "covariance": "diag", "epochs": 2, "seed": 0}
+    (old / "config.json").write_text(json.dumps(flat))
+    torch.save(gmm.state_dict(), old / "model.pt")
+    again, _ = load_mixture(old, "gaussian", tiny_splits.train)
+    for (k, v), w in zip(gmm.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k
+
+
+def test_a_v1_masked_config_converts_to_a_masked_run():
+    from pyrovae.config import from_v1
+
+    from .test_io import V1_OPTIONS
+
+    cfg = from_v1({**V1_OPTIONS, "config_version": 1, "masked": True, "mask": "random", "mask_rate": 0.4, "n_val": 5})
+    assert cfg.kind == "masked" and cfg.extra == MaskConfig("random", 0.4) and cfg.facts == {"n_val": 5}
+    assert cfg.model == ModelConfig() and cfg.training == TrainingConfig() and cfg.data == DataConfig()
+    plain = from_v1({**V1_OPTIONS, "config_version": 1, "hidden": "400,200", "lr": 1})
+    assert plain.kind == "vae" and plain.extra is None and plain.model.hidden == (400, 200)
+    assert plain.training.lr == 1.0 and isinstance(plain.training.lr, float)
 
 
 class Shifted(nn.Module):
