@@ -307,9 +307,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = _checked_config(args)  # again, now that no other command can change the folder
         replaced = (lambda: remove_derived(out)) if args.overwrite and first else None
         try:
-            distributed.setup(
-                resolve_device(cfg.training.device)
-            )  # under torchrun: join the process group, pick the GPU
+            # under torchrun: join the process group, pick the GPU
+            distributed.setup(resolve_device(cfg.training.device))
             # the old run (with --overwrite) is replaced only once the new one has written its first checkpoint
             _, _, result = train_vae(
                 cfg,
