@@ -129,7 +129,7 @@ class RunConfig:
     model: Any = field(default_factory=ModelConfig)  # KINDS[kind][0]
     training: TrainingConfig = field(default_factory=TrainingConfig)
     extra: Any = None  # KINDS[kind][1], or None
-    facts: dict[str, Any] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict, hash=False)  # compared, but no part of the hash
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
