@@ -156,7 +156,7 @@ def main() -> None:
         "max abs log p̂ difference (nats)",
     ]
     append_results(
-        f"Evaluation speed: log p(x), K={args.k} ({cfg['dataset']}, arch {cfg['arch']}, {device.type})",
+        f"Evaluation speed: log p(x), K={args.k} ({cfg.data.dataset}, arch {cfg.model.arch}, {device.type})",
         markdown_table(header, rows),
         "python bench/eval_speed.py " + " ".join(sys.argv[1:]),
         "FLOPs counted by torch.utils.flop_counter (matrix products only); the floor assumes the whole "

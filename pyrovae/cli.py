@@ -14,9 +14,9 @@ import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
 from . import __version__, distributed
+from .config import OPTIONS, RunConfig, flat_options, parse_hidden, with_options
 from .data import BINARIZE, DATASETS
 from .errors import NonFiniteLoss, PyrovaeError, PyrovaeWarning
 from .files import RunLock, remove_files
@@ -24,7 +24,7 @@ from .hostmem import keep_freed_memory
 from .infer import ESTIMATORS, check_alpha
 from .likelihoods import LIKELIHOODS
 from .nets import ACTIVATIONS, PRESETS
-from .runs import DEFAULTS, MAX_SEED, read_config, resolve_device, train_vae
+from .runs import MAX_SEED, read_config, resolve_device, train_vae
 from .train import LR_SCHEDULES
 
 
@@ -210,17 +210,19 @@ SUBCOMMAND_MODULES = (
 )  # modules whose register_cli(sub) adds their subcommand
 
 
-def train_config(args: argparse.Namespace) -> dict[str, Any]:
+def train_config(args: argparse.Namespace) -> RunConfig:
     """The run's config: saved settings on --resume, then the options given, then the defaults."""
-    given = {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}
-    base = read_config(args.out) if args.resume else dict(DEFAULTS)
+    given = {k: parse_hidden(v) if k == "hidden" else v for k, v in vars(args).items() if k in OPTIONS}
+    given = {k: v for k, v in given.items() if v is not None}
+    base = read_config(args.out) if args.resume else RunConfig()
     if args.resume:
-        changed = {k for k, v in given.items() if k not in ("epochs", "device") and v != base.get(k)}
+        saved = flat_options(base) if base.kind in ("vae", "masked") else {}
+        changed = {k for k, v in given.items() if k not in ("epochs", "device") and v != saved.get(k)}
         if changed:
             raise PyrovaeError(
                 f"--resume continues the saved run; these options differ from it: {', '.join(sorted(changed))}"
             )
-    return {**base, **given}
+    return with_options(base, given)
 
 
 def _without_nproc(argv: Sequence[str]) -> list[str]:
@@ -282,14 +284,14 @@ def remove_derived(out: Path) -> None:
     remove_files(out, DERIVED_FILES)
 
 
-def _checked_config(args: argparse.Namespace) -> dict[str, Any]:
+def _checked_config(args: argparse.Namespace) -> RunConfig:
     out = check_run_folder(args)
     cfg = train_config(args)
-    if args.resume and cfg.get("masked"):
+    if args.resume and cfg.kind == "masked":
         raise PyrovaeError(
             f"{out} was trained by 'pyrovae train-masked'; continue it with 'pyrovae train-masked --resume'"
         )
-    check_alpha(cfg["elbo"], cfg["alpha"])
+    check_alpha(cfg.training.elbo, cfg.training.alpha)
     return cfg
 
 
@@ -297,7 +299,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     cfg = _checked_config(args)  # refuse bad options before locking, loading or launching anything
     if args.nproc is not None and not distributed.launched():
-        distributed.check_nproc(args.nproc, resolve_device(cfg["device"]))
+        distributed.check_nproc(args.nproc, resolve_device(cfg.training.device))
         if args.nproc > 1:  # start the processes; each runs this command (less --nproc) under torchrun
             return distributed.launch(args.nproc, _without_nproc(args.argv))
     first = distributed.env_rank() == 0  # under torchrun only global rank 0 touches the run folder and prints
@@ -305,7 +307,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = _checked_config(args)  # again, now that no other command can change the folder
         replaced = (lambda: remove_derived(out)) if args.overwrite and first else None
         try:
-            distributed.setup(resolve_device(cfg["device"]))  # under torchrun: join the process group, pick the GPU
+            # under torchrun: join the process group, pick the GPU
+            distributed.setup(resolve_device(cfg.training.device))
             # the old run (with --overwrite) is replaced only once the new one has written its first checkpoint
             _, _, result = train_vae(
                 cfg,
@@ -333,7 +336,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if getattr(args, "eval_k", None):
         from .evaluate import evaluate_run
 
-        s = evaluate_run(out, k=args.eval_k, device=cfg["device"], quiet=args.quiet)
+        s = evaluate_run(out, k=args.eval_k, device=cfg.training.device, quiet=args.quiet)
         print(f"test log p(x) {s['log_likelihood']:.2f} nats/image (K={args.eval_k}); see {out / 'eval.md'}")
     return 0
 

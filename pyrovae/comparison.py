@@ -30,14 +30,16 @@ import pyro
 import torch
 from pyro.poutine.util import site_is_subsample
 
+from .config import DataConfig, MixtureConfig, RunConfig, TrainingConfig, with_options
 from .errors import PyrovaeError
 from .evaluate import ACTIVE_THRESHOLD, bits_per_dim, evaluate_points
-from .files import atomic_write, remove_files, write_json, write_text
+from .files import remove_files, write_json, write_text
 from .gmm import GMM
 from .handlers import off_rng
 from .reports import fmt, markdown_table
-from .runs import DEFAULTS, read_config, resolve_device, train_vae
+from .runs import load_module_state, read_config, record_config, resolve_device, train_vae
 from .train import fit, load_checkpoint
+from .train.state import load_modules
 
 REPRESENTATIONS = {
     # name: (VAE settings, mixture family, bits/dim kind)
@@ -66,31 +68,46 @@ def n_params(module: torch.nn.Module) -> int:
 
 
 def fit_mixture(
-    x_train, k: int, family: str, covariance: str, epochs: int, out: Path | None, seed: int, quiet: bool
+    x_train,
+    k: int,
+    family: str,
+    covariance: str,
+    epochs: int,
+    out: Path | None,
+    seed: int,
+    quiet: bool,
+    data: DataConfig | None = None,
 ) -> tuple[GMM, float]:
-    """A mixture initialised by k-means++ and trained by ``fit`` (marginal form, Adam with a cosine schedule)."""
+    """A mixture initialised by k-means++ and trained by ``fit`` (marginal form, Adam with a cosine schedule).
+
+    With ``out``: a run folder of kind ``gmm`` (``data``: the config of the images ``x_train`` came from); its
+    checkpoint holds the mixture's whole state_dict, the k-means scales (buffers) included."""
     device = x_train.device
     pyro.set_rng_seed(seed)
     sample = x_train.batch(torch.randperm(len(x_train), device=device)[: min(len(x_train), 20000)])
     t0 = time.perf_counter()
     gmm = GMM(k, x_train.shape, covariance=covariance, family=family).to(device)
     gmm.initialize(sample, generator=torch.Generator(device=device).manual_seed(seed))
+    lr = 0.05 if family == "gaussian" else 0.02
+    training = TrainingConfig(
+        elbo=gmm.assignment, epochs=epochs, batch_size=256, lr=lr, lr_schedule="cosine", seed=seed, device=device.type
+    )
+    cfg = RunConfig(
+        kind="gmm", data=data or DataConfig(), model=MixtureConfig(k, family, covariance), training=training
+    )
     fit(
         gmm.model,
         gmm.guide,
         x_train,
         elbo=gmm.elbo(),
         epochs=epochs,
-        batch_size=256,
-        lr=0.05 if family == "gaussian" else 0.02,
-        lr_schedule="cosine",
+        batch_size=training.batch_size,
+        lr=lr,
+        lr_schedule=training.lr_schedule,
         out=out,
         quiet=quiet,
-        config={"model": "gmm", "k": k, "family": family, "covariance": covariance, "epochs": epochs, "seed": seed},
+        config=record_config(cfg, {"n_train": len(x_train)}).to_dict(),
     )
-    if out is not None:  # the k-means scales are buffers, not parameters: keep the whole state
-        state = gmm.state_dict()
-        atomic_write(out / "model.pt", lambda f: torch.save(state, f))
     return gmm, time.perf_counter() - t0
 
 
@@ -247,18 +264,19 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     if args.vae_run:
         cfg = read_config(args.vae_run)
         wanted = {k: v for k, v in vae_settings.items() if k != "likelihood"}
-        if any(cfg.get(k) != v for k, v in wanted.items()):
+        if cfg.kind != "vae" or any(getattr(cfg.data, k) != v for k, v in wanted.items()):
             raise PyrovaeError(f"{args.vae_run} was trained on another representation than {args.representation!r}")
         from .runs import load_run
 
         cfg, splits, vae = load_run(args.vae_run, args.device)
         vae_seconds = sum(float(r) for r in _metric_column(Path(args.vae_run), "seconds"))
     else:
-        cfg = {**DEFAULTS, **vae_settings, "dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs}
-        cfg.update({"train_size": args.train_size, "device": args.device, "seed": args.seed, "arch": args.arch})
-        cfg.update({"root": args.root, "download": args.download})
+        options = {**vae_settings, "dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs}
+        options.update({"train_size": args.train_size, "device": args.device, "seed": args.seed, "arch": args.arch})
+        options.update({"root": args.root, "download": args.download})
         if args.likelihood:
-            cfg["likelihood"] = args.likelihood
+            options["likelihood"] = args.likelihood
+        cfg = with_options(RunConfig(), options)
         t0 = time.perf_counter()
         splits, vae, _ = train_vae(cfg, out / "vae", quiet=args.quiet)
         vae_seconds = time.perf_counter() - t0
@@ -271,8 +289,9 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
         gmm, gmm_seconds = load_mixture(Path(args.gmm_run), family, splits.train)
     else:
         gmm, gmm_seconds = fit_mixture(
-            splits.train, args.gmm_k, family, args.gmm_covariance, args.gmm_epochs, out / "gmm", args.seed, args.quiet
-        )
+            splits.train, args.gmm_k, family, args.gmm_covariance, args.gmm_epochs, out / "gmm", args.seed, args.quiet,
+            data=cfg.data,
+        )  # fmt: skip
 
     # -- clustering of the VAE: a mixture on its latent means, on the active units only (Var_x E[z_d|x] > 0.01):
     # collapsed units have posterior means ~0 with tiny spread, and a diagonal mixture would cluster on that noise.
@@ -289,7 +308,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
         "vae": Fitted(
             vae.model,
             vae.guide,
-            description=f"VAE ({cfg['arch']}, z={vae.z_dim}, {cfg['likelihood']} decoder, {cfg['elbo']})",
+            description=f"VAE ({cfg.model.arch}, z={vae.z_dim}, {cfg.model.likelihood} decoder, {cfg.training.elbo})",
             parameters=n_params(vae),
             train_seconds=vae_seconds,
             clusters=latent_clusters,
@@ -316,7 +335,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
         bits_per_dim_kind=bpd_kind,
         memory_mb=args.memory_mb,
         seed=args.seed,
-        dataset=cfg["dataset"],
+        dataset=cfg.data.dataset,
         representation=args.representation,
         n_train=len(splits.train),
         settings={k: v for k, v in vars(args).items() if k not in ("func", "command")},
@@ -337,17 +356,36 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load_mixture(run_dir: Path, family: str, like) -> tuple[GMM, float]:
-    """A mixture trained earlier (the ``gmm`` folder of a comparison), with its training seconds."""
-    path = run_dir / "config.json"
-    if not path.is_file():
+    """A mixture trained earlier (the ``gmm`` folder of a comparison), with its training seconds; its state
+    (k-means scales included) comes from the checkpoint."""
+    if not (run_dir / "config.json").is_file():
         raise PyrovaeError(f"{run_dir} is not a mixture run folder: no config.json")
-    cfg = json.loads(path.read_text())
-    if cfg.get("model") != "gmm" or cfg.get("family") != family:
+    if (run_dir / "model.pt").is_file():  # written by an earlier release: its whole state_dict in model.pt
+        return _load_old_mixture(run_dir, family, like)
+    cfg = read_config(run_dir)
+    if cfg.kind != "gmm" or cfg.model.family != family:
         raise PyrovaeError(f"{run_dir} holds no {family} mixture, as this representation needs")
-    if not (run_dir / "model.pt").is_file():
-        raise PyrovaeError(f"{run_dir} has no model.pt: fit the mixture first")
-    gmm = GMM(int(cfg["k"]), like.shape, covariance=cfg["covariance"], family=family).to(like.device)
-    gmm.load_state_dict(load_checkpoint(run_dir / "model.pt", map_location=like.device))  # buffers too
+    m = cfg.model
+    gmm = GMM(m.k, like.shape, covariance=m.covariance, family=family).to(like.device)
+    load_module_state(gmm, run_dir / "checkpoint.pt", like.device)
+    return gmm, sum(float(r) for r in _metric_column(run_dir, "seconds"))
+
+
+def _load_old_mixture(run_dir: Path, family: str, like) -> tuple[GMM, float]:
+    """A mixture folder of an earlier release: a flat config (``model: gmm``, ``k``, ``family``, ``covariance``) and
+    the state_dict, buffers included, in ``model.pt``."""
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PyrovaeError(f"{run_dir / 'config.json'} is not valid JSON: {exc}") from None
+    if not isinstance(cfg, dict) or cfg.get("model") != "gmm" or cfg.get("family") != family:
+        raise PyrovaeError(f"{run_dir} holds no {family} mixture, as this representation needs")
+    k, covariance = cfg.get("k"), cfg.get("covariance")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or covariance not in ("diag", "full"):
+        raise PyrovaeError(f"{run_dir / 'config.json'}: 'k' or 'covariance' is missing or not valid")
+    gmm = GMM(k, like.shape, covariance=covariance, family=family).to(like.device)
+    state = load_checkpoint(run_dir / "model.pt", map_location=like.device)
+    load_modules(run_dir / "model.pt", {"model": state}, {"model": gmm})
     return gmm, sum(float(r) for r in _metric_column(run_dir, "seconds"))
 
 

@@ -16,6 +16,7 @@ Masks are boolean with True = observed; a missing pixel misses all its channels.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -29,6 +30,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from .config import MaskConfig, RunConfig
 from .data import ImageData, Splits
 from .errors import PyrovaeError
 from .evaluate import importance_draws, log_likelihood
@@ -37,7 +39,6 @@ from .infer import check_alpha
 from .likelihoods import Likelihood
 from .models import VAE, vae_parts
 from .nets import ACTIVATIONS, PRESETS, Arch
-from .paramstore import forget_module
 from .reports import fmt, markdown_table
 from .runs import arch_from_config
 
@@ -298,69 +299,56 @@ def completion_grid(x: torch.Tensor, mask: torch.Tensor, completions: torch.Tens
 
 
 # ----------------------------------------------------------------------------------------- run folder
-def build_masked_model(cfg: dict[str, Any], splits: Splits) -> MaskedVAE:
+def build_masked_model(cfg: RunConfig, splits: Splits) -> MaskedVAE:
     """The run's masked VAE on the data's device, checked against the data's support."""
+    from .runs import check_support
+
+    m = cfg.model
     vae = build_masked_vae(
-        splits.train.shape,
-        cfg["likelihood"],
-        arch_from_config(cfg),
-        pixel_mean=splits.train_pixel_mean.cpu(),
-        sigma=cfg.get("sigma"),
+        splits.train.shape, m.likelihood, arch_from_config(m), pixel_mean=splits.train_pixel_mean.cpu(), sigma=m.sigma
     ).to(splits.train.device)
-    sample = splits.train.batch(torch.arange(min(1000, len(splits.train)), device=splits.train.device))
-    vae.likelihood.check_support(sample, allow=cfg.get("allow_nonbinary", False))
+    check_support(vae, cfg, splits)
     return vae
 
 
 def train_masked(
-    cfg: dict[str, Any],
+    cfg: RunConfig,
     out: str | Path,
     *,
     resume: bool = False,
     quiet: bool = False,
     on_first_checkpoint: Callable[[], None] | None = None,
 ):
-    """Train (or resume) the masked VAE a config describes (``mask``, ``mask_rate`` on top of ``runs.DEFAULTS``)
-    into ``out``; returns (splits, vae, FitResult)."""
-    from .runs import fit_from_config, load_splits, resolve_device
+    """Train (or resume) the masked VAE a config of kind ``masked`` describes (its ``extra``: the mask and its
+    rate) into ``out``; returns (splits, vae, FitResult)."""
+    from .runs import BUILDERS, check_config, fit_from_config, resolve_device
 
-    device = resolve_device(cfg["device"])
-    pyro.set_rng_seed(cfg["seed"])
-    splits = load_splits(cfg, device)
-    vae = build_masked_model(cfg, splits)
-    train = MaskedImageData(splits.train, cfg["mask"], cfg["mask_rate"])
-    val = MaskedImageData(splits.val, cfg["mask"], cfg["mask_rate"], fixed_seed=cfg["seed"] + 11)
-    record = {"masked": True}
+    cfg = check_config(cfg)
+    if cfg.kind != "masked":
+        raise PyrovaeError(f"train_masked trains a run of kind 'masked', not {cfg.kind!r}")
+    device = resolve_device(cfg.training.device)
+    pyro.set_rng_seed(cfg.training.seed)
+    builder = BUILDERS[cfg.kind]
+    splits = builder.splits(cfg, device)
+    vae = builder.model(cfg, splits)
+    mask, rate, seed = cfg.extra.mask, cfg.extra.rate, cfg.training.seed
+    train = MaskedImageData(splits.train, mask, rate)
+    val = MaskedImageData(splits.val, mask, rate, fixed_seed=seed + 11)
     result = fit_from_config(
-        cfg,
-        vae,
-        splits,
-        train,
-        val,
-        out,
-        resume=resume,
-        quiet=quiet,
-        record=record,
-        on_first_checkpoint=on_first_checkpoint,
+        cfg, vae, splits, train, val, out, resume=resume, quiet=quiet, on_first_checkpoint=on_first_checkpoint
     )
     return splits, vae, result
 
 
-def load_masked_run(run_dir: str | Path, device: str = "auto") -> tuple[dict[str, Any], Splits, MaskedVAE]:
+def load_masked_run(run_dir: str | Path, device: str = "auto") -> tuple[RunConfig, Splits, MaskedVAE]:
     """Rebuild a run trained by ``pyrovae train-masked``: config, data splits and the trained masked VAE."""
-    from .runs import load_module_params, load_splits, read_config, resolve_device
+    from .runs import load_run, read_config
 
     if not Path(run_dir).is_dir():
         raise PyrovaeError(f"no run folder {run_dir}")
-    cfg = read_config(run_dir)
-    if not cfg.get("masked"):
+    if read_config(run_dir).kind != "masked":
         raise PyrovaeError(f"{run_dir} was not trained by 'pyrovae train-masked': its encoder does not take a mask")
-    dev = resolve_device(device)
-    splits = load_splits(cfg, dev)
-    vae = build_masked_model(cfg, splits)
-    load_module_params(vae, vae.name, run_dir, dev)
-    forget_module(vae.name)  # the store's entries of this name are another model's
-    return cfg, splits, vae
+    return load_run(run_dir, device)
 
 
 def complete_run(
@@ -408,7 +396,7 @@ def complete_run(
         "k": k,
         "mask": mask,
         "rate": rate if mask != "top-half" else None,
-        "trained_on": {"mask": cfg["mask"], "rate": cfg["mask_rate"]},
+        "trained_on": {"mask": cfg.extra.mask, "rate": cfg.extra.rate},
         "missing_per_image": float(miss.mean()),
         "log_p_missing": float(lp.mean()),
         "log_p_missing_sem": sem(lp),
@@ -558,18 +546,19 @@ def _train_masked_locked(args: argparse.Namespace) -> int:
 
     out = check_run_folder(args)
     cfg = train_config(args)  # on --resume: the saved run's, refusing changed options
-    masks = {"mask": args.mask, "mask_rate": args.rate}
+    masks = {"mask": args.mask, "rate": args.rate}
     if args.resume:
-        if not cfg.get("masked"):
+        if cfg.kind != "masked":
             raise PyrovaeError(
                 f"{out} was not trained by 'pyrovae train-masked'; continue it with 'pyrovae train --resume'"
             )
-        changed = [("rate" if k == "mask_rate" else k) for k, v in masks.items() if v is not None and v != cfg[k]]
+        changed = [k for k, v in masks.items() if v is not None and v != getattr(cfg.extra, k)]
         if changed:
             raise PyrovaeError(f"--resume continues the saved run; these options differ from it: {', '.join(changed)}")
     else:
-        cfg = {**cfg, "mask": args.mask or "mix", "mask_rate": 0.5 if args.rate is None else args.rate}
-    check_alpha(cfg["elbo"], cfg["alpha"])
+        extra = MaskConfig(mask=args.mask or "mix", rate=0.5 if args.rate is None else args.rate)
+        cfg = dataclasses.replace(cfg, kind="masked", extra=extra)
+    check_alpha(cfg.training.elbo, cfg.training.alpha)
     # the old run (with --overwrite) is replaced only once the new one has written its first checkpoint
     replaced = (lambda: remove_derived(out)) if args.overwrite else None
     _, _, result = train_masked(cfg, out, resume=args.resume, quiet=args.quiet, on_first_checkpoint=replaced)

@@ -1,24 +1,25 @@
 """A run folder: rebuild data and model from ``config.json``, and load trained parameters.
 
-A run's config is a flat dict of the ``pyrovae train`` options (see :data:`DEFAULTS`) plus
-``config_version``; everything needed to rebuild the run lives there, so ``evaluate`` and ``--resume``
-need nothing else. A saved config must be complete and well typed: nothing is filled from today's defaults.
+A run's config is a :class:`pyrovae.config.RunConfig` (kind, data, model, training); everything needed to
+rebuild the run lives there, so ``evaluate`` and ``--resume`` need nothing else. A saved config must be
+complete and well typed: nothing is filled from today's defaults. :data:`BUILDERS` holds, per kind, how a
+config becomes its data splits and its model; :func:`load_run` dispatches on it. A checkpoint keeps each
+trained module's ``state_dict`` under its role (``model``), so it reads back whatever the module's name.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import re
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pyro
 import torch
 
+from .config import CONFIG_VERSION, MAX_SEED, ModelConfig, RunConfig  # noqa: F401  (MAX_SEED: read from here by the CLI)
 from .data import Pixels, Splits, load_dataset, make_splits, synthetic
 from .errors import PyrovaeError
 from .infer import check_alpha
@@ -26,71 +27,7 @@ from .models import VAE, build_vae
 from .nets import ACTIVATIONS, PRESETS, Arch
 from .paramstore import forget_module
 
-DEFAULTS: dict[str, Any] = {
-    "dataset": "fashion-mnist",
-    "data_dir": None,
-    "root": None,
-    "download": False,
-    "likelihood": "bernoulli",
-    "sigma": None,
-    "allow_nonbinary": False,
-    "binarize": "dynamic",
-    "dequantize": False,
-    "arch": "iwae",
-    "z_dim": None,
-    "hidden": None,
-    "activation": None,
-    "elbo": "meanfield",
-    "particles": None,
-    "alpha": None,
-    "epochs": 10,
-    "batch_size": 100,
-    "lr": 1e-3,
-    "clip_norm": None,
-    "lr_schedule": "none",
-    "lr_gamma": 0.95,
-    "warmup_epochs": 0.0,
-    "val_size": None,  # data.default_val_size: 10% of the training images, at most 5000
-    "train_size": None,
-    "device": "auto",
-    "seed": 0,
-    "autocast": None,
-}
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-CONFIG_VERSION = 1  # bump when a field is added, renamed or changes meaning
-MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
-_STR, _BOOL, _INT, _NUM = (str,), (bool,), (int,), (int, float)
-# each field: accepted types, whether null is allowed, and a check of the value (None: any)
-CONFIG_FIELDS: dict[str, tuple[tuple[type, ...], bool, Any]] = {
-    "dataset": (_STR, False, None),
-    "data_dir": (_STR, True, None),
-    "root": (_STR, True, None),
-    "download": (_BOOL, False, None),
-    "likelihood": (_STR, False, None),
-    "sigma": (_NUM, True, lambda v: v > 0),
-    "allow_nonbinary": (_BOOL, False, None),
-    "binarize": (_STR, False, None),
-    "dequantize": (_BOOL, False, None),
-    "arch": (_STR, False, None),
-    "z_dim": (_INT, True, lambda v: v >= 1),
-    "hidden": (_STR, True, lambda v: re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", v) is not None),
-    "activation": (_STR, True, None),
-    "elbo": (_STR, False, None),
-    "particles": (_INT, True, lambda v: v >= 1),
-    "alpha": (_NUM, True, None),
-    "epochs": (_INT, False, lambda v: v >= 1),
-    "batch_size": (_INT, False, lambda v: v >= 1),
-    "lr": (_NUM, False, lambda v: v > 0),
-    "clip_norm": (_NUM, True, lambda v: v > 0),
-    "lr_schedule": (_STR, False, None),
-    "lr_gamma": (_NUM, False, lambda v: v > 0),
-    "warmup_epochs": (_NUM, False, lambda v: v >= 0),
-    "val_size": (_INT, True, lambda v: v >= 0),  # null: data.default_val_size
-    "train_size": (_INT, True, lambda v: v >= 2),
-    "device": (_STR, False, None),
-    "seed": (_INT, False, lambda v: 0 <= v <= MAX_SEED),
-    "autocast": (_STR, True, None),
-}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,94 +41,125 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_splits(cfg: dict[str, Any], device: torch.device) -> Splits:
+def load_splits(cfg: RunConfig, device: torch.device) -> Splits:
     """The run's data: the named dataset (or ``synthetic``) with its pixel handling, on ``device``."""
-    if cfg["dataset"] == "synthetic":
-        raw = synthetic(seed=cfg["seed"])
-    else:
-        raw = load_dataset(cfg["dataset"], cfg.get("data_dir"), cfg.get("root"), cfg.get("download", False))
-    pixels = Pixels(cfg["binarize"], cfg.get("dequantize", False))
-    val_size = cfg["val_size"]
-    if val_size is not None and cfg["dataset"] == "synthetic":
+    d, seed = cfg.data, cfg.training.seed
+    raw = synthetic(seed=seed) if d.dataset == "synthetic" else load_dataset(d.dataset, d.data_dir, d.root, d.download)
+    pixels = Pixels(d.binarize, d.dequantize)
+    val_size = d.val_size
+    if cfg.kind == "semisupervised":
+        val_size = 0  # M2 uses every training image (its labelled ones among them)
+    elif val_size is not None and d.dataset == "synthetic":
         val_size = min(val_size, len(raw.train_x) // 5)
-    return make_splits(raw, pixels, device, val_size=val_size, train_size=cfg.get("train_size"), seed=cfg["seed"])
+    return make_splits(raw, pixels, device, val_size=val_size, train_size=d.train_size, seed=seed)
 
 
-def arch_from_config(cfg: dict[str, Any]) -> Arch:
-    """The network architecture a config asks for: a preset with ``z_dim``/``hidden``/``activation`` overrides."""
-    arch = PRESETS.get(cfg["arch"])
+def arch_from_config(model: ModelConfig) -> Arch:
+    """The network architecture a model config asks for: a preset with ``z_dim``/``hidden``/``activation`` overrides."""
+    arch = PRESETS.get(model.arch)
     if arch is None:
-        raise PyrovaeError(f"unknown arch {cfg['arch']!r}; choose one of {', '.join(PRESETS)}")
-    if cfg.get("z_dim"):
-        arch = replace(arch, z_dim=int(cfg["z_dim"]))
-    if cfg.get("hidden"):
-        arch = replace(arch, hidden=tuple(int(h) for h in str(cfg["hidden"]).split(",")))
-    if cfg.get("activation"):
-        if cfg["activation"] not in ACTIVATIONS:
-            raise PyrovaeError(f"unknown activation {cfg['activation']!r}; choose one of {', '.join(ACTIVATIONS)}")
-        arch = replace(arch, activation=cfg["activation"])
+        raise PyrovaeError(f"unknown arch {model.arch!r}; choose one of {', '.join(PRESETS)}")
+    if model.z_dim:
+        arch = replace(arch, z_dim=int(model.z_dim))
+    if model.hidden:
+        arch = replace(arch, hidden=tuple(int(h) for h in model.hidden))
+    if model.activation:
+        if model.activation not in ACTIVATIONS:
+            raise PyrovaeError(f"unknown activation {model.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+        arch = replace(arch, activation=model.activation)
     return arch
 
 
-def build_model(cfg: dict[str, Any], splits: Splits) -> VAE:
-    """The run's VAE, on the data's device, checked against the data's support."""
-    arch = arch_from_config(cfg)
-    vae = build_vae(
-        splits.train.shape,
-        cfg["likelihood"],
-        arch,
-        pixel_mean=splits.train_pixel_mean.cpu(),
-        sigma=cfg.get("sigma"),
-    ).to(splits.train.device)
-    if cfg.get("autocast"):
-        if cfg["autocast"] not in AUTOCAST:
-            raise PyrovaeError(f"unknown --autocast {cfg['autocast']!r}; choose one of {', '.join(AUTOCAST)}")
-        vae.autocast = AUTOCAST[cfg["autocast"]]
+def check_support(module: torch.nn.Module, cfg: RunConfig, splits: Splits) -> None:
+    """Refuse data outside the decoder's support (non-binary pixels for a Bernoulli decoder, unless allowed)."""
     sample = splits.train.batch(torch.arange(min(1000, len(splits.train)), device=splits.train.device))
-    vae.likelihood.check_support(sample, allow=cfg.get("allow_nonbinary", False))
+    module.likelihood.check_support(sample, allow=cfg.data.allow_nonbinary)
+
+
+def build_model(cfg: RunConfig, splits: Splits) -> VAE:
+    """The run's VAE, on the data's device, checked against the data's support."""
+    m = cfg.model
+    vae = build_vae(
+        splits.train.shape, m.likelihood, arch_from_config(m), pixel_mean=splits.train_pixel_mean.cpu(), sigma=m.sigma
+    ).to(splits.train.device)
+    if m.autocast:
+        if m.autocast not in AUTOCAST:
+            raise PyrovaeError(f"unknown --autocast {m.autocast!r}; choose one of {', '.join(AUTOCAST)}")
+        vae.autocast = AUTOCAST[m.autocast]
+    check_support(vae, cfg, splits)
     return vae
 
 
-def check_config(cfg: Any, where: str = "the config") -> dict[str, Any]:
-    """Refuse a run config with a missing or wrongly typed field (one line naming it); returns ``cfg``."""
-    if not isinstance(cfg, dict):
-        raise PyrovaeError(f"{where} is not a run config: it holds a JSON {type(cfg).__name__}, not an object")
-    for key, (types, nullable, valid) in CONFIG_FIELDS.items():
-        if key not in cfg:
-            raise PyrovaeError(f"{where} lacks the field {key!r}: a run's config must be complete")
-        value = cfg[key]
-        if value is None and nullable:
-            continue
-        typed = isinstance(value, types) and (bool in types or not isinstance(value, bool))
-        if not typed or (valid is not None and not valid(value)):
-            expected = "/".join(t.__name__ for t in types) + (" or null" if nullable else "")
-            raise PyrovaeError(f"{where}: field {key!r} is {value!r}, expected a valid {expected}")
-    return cfg
+def _masked_model(cfg: RunConfig, splits: Splits) -> torch.nn.Module:
+    from .missing import build_masked_model
+
+    return build_masked_model(cfg, splits)
 
 
-def read_config(run_dir: str | Path) -> dict[str, Any]:
-    """A run folder's ``config.json``, checked: complete, of this ``config_version``, and well typed."""
+def _mixture(cfg: RunConfig, splits: Splits) -> torch.nn.Module:
+    from .gmm import GMM
+
+    m = cfg.model
+    return GMM(m.k, splits.train.shape, covariance=m.covariance, family=m.family).to(splits.train.device)
+
+
+def _m2(cfg: RunConfig, splits: Splits) -> torch.nn.Module:
+    from .semisupervised import M2
+
+    m = cfg.model
+    m2 = M2(splits.train.shape, m.likelihood, m.hidden, m.z_dim, m.classes).to(splits.train.device)
+    check_support(m2, cfg, splits)
+    return m2
+
+
+@dataclass(frozen=True)
+class Builder:
+    """How a run of one kind is rebuilt: its data splits, its (untrained) model, the file its weights are in."""
+
+    splits: Callable[[RunConfig, torch.device], Splits]
+    model: Callable[[RunConfig, Splits], torch.nn.Module]
+    weights: str = "checkpoint.pt"
+
+
+BUILDERS: dict[str, Builder] = {
+    "vae": Builder(load_splits, build_model),
+    "masked": Builder(load_splits, _masked_model),
+    "gmm": Builder(load_splits, _mixture),
+    "semisupervised": Builder(load_splits, _m2, weights="m2.pt"),
+}
+
+
+def check_config(cfg: Any, where: str = "the config") -> RunConfig:
+    """A run config from its JSON form (nested, or the flat version 1 of earlier releases), checked: a
+    missing, unknown or wrongly typed field is a one-line error naming it."""
+    return cfg if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg, where)
+
+
+def read_config(run_dir: str | Path) -> RunConfig:
+    """A run folder's ``config.json``, checked: complete, of a version this pyrovae reads, and well typed."""
     path = Path(run_dir) / "config.json"
     if Path(run_dir).is_dir() and not os.access(run_dir, os.R_OK | os.X_OK):
         raise PyrovaeError(f"cannot read the run folder {run_dir}: permission denied")
     if not path.is_file():
         raise PyrovaeError(f"{run_dir} is not a run folder: no config.json (make one with 'pyrovae train --out')")
     try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise PyrovaeError(f"{path} is not valid JSON: {exc}") from None
+        text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise PyrovaeError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    if isinstance(cfg, dict) and cfg.get("config_version") != CONFIG_VERSION:
-        found = cfg.get("config_version", "none")
-        raise PyrovaeError(
-            f"{path} has config_version {found!r}; this pyrovae reads version {CONFIG_VERSION} (retrain the run)"
-        )
-    return check_config(cfg, str(path))
+    return RunConfig.from_json(text, str(path))
+
+
+def record_config(cfg: RunConfig, facts: dict[str, Any]) -> RunConfig:
+    """``cfg`` with what a run found (``facts``) and the library versions it ran with, as written with the run."""
+    from . import __version__
+
+    versions = {"pyrovae": __version__, "pyro": pyro.__version__, "torch": str(torch.__version__)}
+    versions["python"] = platform.python_version()
+    return replace(cfg, facts={**cfg.facts, **facts, "versions": versions}, version=CONFIG_VERSION)
 
 
 def train_vae(
-    cfg: dict[str, Any],
+    cfg: RunConfig,
     out: str | Path,
     *,
     resume: bool = False,
@@ -203,11 +171,14 @@ def train_vae(
 
     ``out`` is left as it was until the first checkpoint is written; ``on_first_checkpoint`` runs then.
     ``tensorboard``: a folder for TensorBoard event files (scalars, sample and reconstruction grids)."""
-    check_config(cfg)
-    device = resolve_device(cfg["device"])
-    pyro.set_rng_seed(cfg["seed"])
-    splits = load_splits(cfg, device)
-    vae = build_model(cfg, splits)
+    cfg = check_config(cfg)
+    if cfg.kind != "vae":
+        raise PyrovaeError(f"train_vae trains a run of kind 'vae', not {cfg.kind!r}")
+    device = resolve_device(cfg.training.device)
+    pyro.set_rng_seed(cfg.training.seed)
+    builder = BUILDERS[cfg.kind]
+    splits = builder.splits(cfg, device)
+    vae = builder.model(cfg, splits)
     logger = None
     if tensorboard is not None:
         from .tensorboard import TensorBoardLogger
@@ -234,8 +205,8 @@ def train_vae(
 
 
 def fit_from_config(
-    cfg: dict[str, Any],
-    vae,
+    cfg: RunConfig,
+    module: torch.nn.Module,
     splits: Splits,
     train,
     val,
@@ -243,75 +214,83 @@ def fit_from_config(
     *,
     resume: bool = False,
     quiet: bool = False,
-    record: dict[str, Any] | None = None,
     on_first_checkpoint: Callable[[], None] | None = None,
     callback: Callable[[dict[str, float]], None] | None = None,
 ):
-    """``fit`` with the optimisation settings of a run config; writes the config (plus data facts) with the run."""
-    from . import __version__
+    """``fit`` of ``module.model``/``module.guide`` with the training settings of a run config; writes the
+    config (plus data facts) with the run, and the module's state_dict in each checkpoint (role ``model``)."""
     from .train import fit
 
-    check_alpha(cfg["elbo"], cfg["alpha"])
-    versions = {"pyrovae": __version__, "pyro": pyro.__version__, "torch": str(torch.__version__)}
-    facts = {"data_source": splits.source, "n_train": len(splits.train), "n_val": len(val), **(record or {})}
+    t = cfg.training
+    check_alpha(t.elbo, t.alpha)
+    facts = {"data_source": splits.source, "n_train": len(splits.train), "n_val": len(val)}
     return fit(
-        vae.model,
-        vae.guide,
+        module.model,
+        module.guide,
         train,
-        elbo=cfg["elbo"],
-        particles=cfg["particles"],
-        alpha=cfg["alpha"],
-        epochs=cfg["epochs"],
-        batch_size=cfg["batch_size"],
-        lr=cfg["lr"],
-        clip_norm=cfg["clip_norm"],
-        lr_schedule=cfg["lr_schedule"],
-        lr_gamma=cfg["lr_gamma"],
-        warmup_epochs=cfg["warmup_epochs"],
+        elbo=t.elbo,
+        particles=t.particles,
+        alpha=t.alpha,
+        epochs=t.epochs,
+        batch_size=t.batch_size,
+        lr=t.lr,
+        clip_norm=t.clip_norm,
+        lr_schedule=t.lr_schedule,
+        lr_gamma=t.lr_gamma,
+        warmup_epochs=t.warmup_epochs,
         val_data=val,
         out=out,
         resume=resume,
-        seed=None if resume else cfg["seed"],
-        config={
-            **cfg,
-            **facts,
-            "config_version": CONFIG_VERSION,
-            "versions": {**versions, "python": platform.python_version()},
-        },
+        seed=None if resume else t.seed,
+        config=record_config(cfg, facts).to_dict(),
         quiet=quiet,
         on_first_checkpoint=on_first_checkpoint,
         callback=callback,
+        modules={"model": module},
     )
 
 
-def load_module_params(module: torch.nn.Module, name: str, run_dir: str | Path, device: torch.device) -> dict:
-    """Copy parameters trained in a run folder into ``module``: those of ``pyro.module(name, module)`` and of
-    ``pyro.module(f"{name}.{child}", module.child)`` alike."""
-    from .train import check_params, load_training_checkpoint
+def load_module_state(
+    module: torch.nn.Module, path: str | Path, device: torch.device, role: str = "model", name: str | None = None
+) -> dict:
+    """Copy a module trained in a run (its ``state_dict`` under ``role`` in checkpoint ``path``) into ``module``,
+    buffers included; returns the checkpoint. A checkpoint of an earlier release, whose parameters are named as
+    in Pyro's param store (``f"{name}$$$param"`` and ``f"{name}.{child}$$$param"``; ``name``: the module's
+    ``name``), is converted; it held no buffers, so the module keeps its own."""
+    from .train import load_checkpoint
+    from .train.state import check_params, load_modules
 
-    ckpt = Path(run_dir) / "checkpoint.pt"
-    if not ckpt.is_file():
-        raise PyrovaeError(f"{run_dir} has no checkpoint.pt: train it first")
-    state = load_training_checkpoint(ckpt, map_location=device)
+    path = Path(path)
+    if not path.is_file():
+        raise PyrovaeError(f"{path.parent} has no {path.name}: train it first")
+    state = load_checkpoint(path, map_location=device)
+    if "modules" in state:
+        load_modules(path, state["modules"], {role: module})
+        return state
+    if not isinstance(state.get("params"), dict):
+        raise PyrovaeError(f"{path} is not a pyrovae checkpoint: it has neither 'modules' nor 'params'")
+    name = name or getattr(module, "name", role)
     own = dict(module.named_parameters())
     saved = {}
     for key, value in state["params"].items():  # "vae.decoder$$$net.0.weight" -> "decoder.net.0.weight"
         owner, _, param = key.partition("$$$")
         if owner == name or owner.startswith(name + "."):
             saved[".".join(filter(None, [owner[len(name) + 1 :], param]))] = value
-    check_params(ckpt, saved, own)
+    check_params(path, saved, own)
     with torch.no_grad():
         for key, p in own.items():
             p.copy_(saved[key])
     return state
 
 
-def load_run(run_dir: str | Path, device: str = "auto") -> tuple[dict[str, Any], Splits, VAE]:
-    """Rebuild a trained run: its config, its data splits and its VAE with the checkpoint's parameters."""
+def load_run(run_dir: str | Path, device: str = "auto") -> tuple[RunConfig, Splits, torch.nn.Module]:
+    """Rebuild a trained run of any kind: its config, its data splits and its model with the trained state."""
     cfg = read_config(run_dir)
     dev = resolve_device(device)
-    splits = load_splits(cfg, dev)
-    vae = build_model(cfg, splits)
-    load_module_params(vae, vae.name, run_dir, dev)
-    forget_module(vae.name)  # the store's entries of this name are another model's
-    return cfg, splits, vae
+    builder = BUILDERS[cfg.kind]
+    splits = builder.splits(cfg, dev)
+    module = builder.model(cfg, splits)
+    load_module_state(module, Path(run_dir) / builder.weights, dev)
+    if getattr(module, "name", None):
+        forget_module(module.name)  # the store's entries of this name are another model's
+    return cfg, splits, module

@@ -27,6 +27,7 @@ from typing import Any
 import pyro
 import torch
 
+from .config import RunConfig
 from .errors import PyrovaeError
 from .files import remove_files
 from .gmm import GMM
@@ -338,7 +339,7 @@ def compare_figure(blocks: dict[str, torch.Tensor], path: Path, per_block: int =
 
 
 # --------------------------------------------------------------------------------------- run folder
-def _referee(run_dir: Path, cfg: dict[str, Any], referee_run: str | None, epochs: int, device: str, quiet: bool):
+def _referee(run_dir: Path, cfg: RunConfig, referee_run: str | None, epochs: int, device: str, quiet: bool):
     """The referee VAE: loaded from ``referee_run``, or trained once into RUN_DIR/referee (seed + 1000)."""
     from .runs import load_run, read_config, train_vae
 
@@ -346,10 +347,11 @@ def _referee(run_dir: Path, cfg: dict[str, Any], referee_run: str | None, epochs
         _, _, ref = load_run(referee_run, device)
         return ref, str(referee_run), read_config(referee_run)
     folder = run_dir / "referee"
-    ref_cfg = {**cfg, "seed": int(cfg["seed"]) + 1000, "epochs": epochs, "device": device}
+    ref_cfg = cfg.replace(training={"seed": cfg.training.seed + 1000, "epochs": epochs, "device": device}, facts={})
     if (folder / "checkpoint.pt").is_file():
         saved = read_config(folder)
-        if all(saved.get(k) == ref_cfg.get(k) for k in ("seed", "epochs", "dataset", "likelihood", "arch")):
+        same = lambda c: (c.kind, c.training.seed, c.training.epochs, c.data.dataset, c.model.likelihood, c.model.arch)  # noqa: E731
+        if same(saved) == same(ref_cfg):
             _, _, ref = load_run(folder, device)
             return ref, str(folder), saved
         remove_files(folder)
@@ -385,9 +387,11 @@ def run_samples(
     cfg = read_config(run_dir)
     if codes not in CODES:
         raise PyrovaeError(f"unknown codes {codes!r}; choose one of {', '.join(CODES)}")
-    if cfg["likelihood"] != "gaussian-learned" and not allow_other_likelihood:
+    if cfg.kind != "vae":
+        raise PyrovaeError(f"{run_dir} is a {cfg.kind} run; the two-stage VAE needs a run of 'pyrovae train'")
+    if cfg.model.likelihood != "gaussian-learned" and not allow_other_likelihood:
         raise PyrovaeError(
-            f"{run_dir} was trained with the {cfg['likelihood']} likelihood; the two-stage VAE needs the learned-γ "
+            f"{run_dir} was trained with the {cfg.model.likelihood} likelihood; the two-stage VAE needs the learned-γ "
             "Gaussian decoder (train with --likelihood gaussian-learned --binarize none), or pass --allow-other-likelihood"
         )
     for name, v in (("--n", n), ("--stage2-epochs", stage2_epochs), ("--gmm-k", gmm_k), ("--k", k)):
@@ -439,8 +443,8 @@ def run_samples(
     }
     summary: dict[str, Any] = {
         "run": str(run_dir),
-        "dataset": cfg["dataset"],
-        "likelihood": cfg["likelihood"],
+        "dataset": cfg.data.dataset,
+        "likelihood": cfg.model.likelihood,
         "stage1_gamma": float(vae.likelihood.log_gamma.detach().exp())
         if hasattr(vae.likelihood, "log_gamma")
         else None,
@@ -464,8 +468,8 @@ def run_samples(
         "gmm": {"k": gmm_k, "covariance": "diag", "seconds": t_draw - t_gmm},
         "referee": {
             "run": referee_where,
-            "model": f"VAE ({referee_cfg.get('arch')}, {referee_cfg.get('likelihood')}, seed {referee_cfg.get('seed')}, "
-            f"{referee_cfg.get('epochs')} epochs)",
+            "model": f"VAE ({referee_cfg.model.arch}, {referee_cfg.model.likelihood}, seed {referee_cfg.training.seed}, "
+            f"{referee_cfg.training.epochs} epochs)",
             "k": k,
             "test_log_likelihood": float(lp_test.mean()),
         },

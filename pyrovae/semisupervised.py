@@ -344,9 +344,11 @@ def run_semisupervised(
 ) -> dict[str, Any]:
     """M2 on ``labels`` balanced labels plus the unlabelled rest, against the same classifier trained on the
     labels alone; writes ssl.json, ssl.md and samples_per_class.png into ``out``."""
+    from .config import DataConfig, LabelsConfig, M2Config, RunConfig, TrainingConfig
     from .data import Pixels, load_dataset, make_splits, synthetic
-    from .runs import resolve_device
+    from .runs import record_config, resolve_device
     from .train import atomic_write, write_json
+    from .train.state import module_states
 
     out = Path(out)
     if (out / "ssl.json").exists() and not overwrite:
@@ -437,8 +439,18 @@ def run_semisupervised(
     }
     write_json(out / "ssl.json", summary)
     atomic_write(out / "ssl.md", lambda f: f.write(_markdown(summary).encode()))
-    state = m2.state_dict()
+    state = {"modules": module_states({"model": m2}), "params": {}}  # read back by pyrovae.load_run
     atomic_write(out / "m2.pt", lambda f: torch.save(state, f))
+    cfg = RunConfig(
+        kind="semisupervised",
+        data=DataConfig(dataset=dataset, data_dir=data_dir, binarize=binarize, val_size=0, train_size=train_size),
+        model=M2Config(likelihood, tuple(hidden), z_dim, float(alpha_scale), n_classes),
+        training=TrainingConfig(
+            elbo="trace-enum", epochs=epochs, batch_size=batch_size, lr=float(lr), seed=seed, device=device
+        ),
+        extra=LabelsConfig(labels, data.labelled_batch),
+    )
+    write_json(out / "config.json", record_config(cfg, {"data_source": splits.source, "n_train": len(train)}).to_dict())
     return summary
 
 

@@ -95,14 +95,23 @@ def test_train_state_restored_mid_epoch_continues_bit_identically(tiny_splits, t
     assert (saved["epoch"], saved["batch"]) == (1, 3)
 
     # the state round-trips whole: a fresh state loaded from the checkpoint gives the same checkpoint back
-    params = {k: torch.zeros_like(v) for k, v in saved["params"].items()}
-    state = TrainState(params, torch.optim.Adam(list(params.values()), lr=FIT["lr"]))
+    fresh = _new_vae(tiny_splits)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    params = dict(fresh.named_parameters())
+    state = TrainState(params, torch.optim.Adam(list(params.values()), lr=FIT["lr"]), modules={"model": fresh})
     state.load_state_dict(saved, Strategy(), torch.device("cpu"), tmp_path / "b" / "checkpoint.pt")
     again = state.state_dict(Strategy())
     for key in ("epoch", "batch", "partial", "history", "world_size", "perm_seed"):
         assert again[key] == saved[key], key
     assert torch.equal(again["perm"], saved["perm"])
+    assert again["params"].keys() == saved["params"].keys()
     assert all(torch.equal(again["params"][k], v) for k, v in saved["params"].items())
+    module = saved["modules"]["model"]
+    assert again["modules"]["model"].keys() == module.keys() and len(module) == len(params)
+    assert all(torch.equal(again["modules"]["model"][k], v) for k, v in module.items())
+    assert any(v.abs().sum() > 0 for v in module.values())  # trained values, not the zeros the state began with
 
     c = _new_vae(tiny_splits)
     torch.manual_seed(123)  # another RNG: the checkpoint restores it

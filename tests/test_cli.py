@@ -37,7 +37,7 @@ def test_train_through_the_cli(tmp_path, elbo):
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert all(float(r["val_elbo"]) < 0 and float(r["seconds"]) > 0 for r in rows)
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["elbo"] == elbo and cfg["dataset"] == "synthetic" and cfg["n_train"] > 0
+    assert cfg["training"]["elbo"] == elbo and cfg["data"]["dataset"] == "synthetic" and cfg["facts"]["n_train"] > 0
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
 
 
@@ -46,7 +46,7 @@ def test_idx_folder_through_the_cli(tmp_path):
     out = tmp_path / "run"
     args = ["train", "--dataset", "mnist", "--data-dir", str(folder), "--val-size", "50", "--hidden", "16"]
     assert main([*args, "--z-dim", "2", "--epochs", "1", "--quiet", "--out", str(out)]) == 0
-    assert json.loads((out / "config.json").read_text())["data_source"] == str(folder)
+    assert json.loads((out / "config.json").read_text())["facts"]["data_source"] == str(folder)
 
 
 @pytest.mark.parametrize(

@@ -43,6 +43,9 @@ def test_compare_end_to_end_and_from_run_folders(tmp_path, representation):
         assert 0 <= row["clustering"]["accuracy"] <= 1 and row["parameters"] > 0 and row["bits_per_dim"] > 0
     for png in ("samples_vae_vs_mixture.png", "mixture_means.png", "latents_by_cluster.png"):
         assert (out / png).stat().st_size > 0
+    # the mixture's run folder: a typed config of kind gmm, its buffers in the checkpoint (no separate model.pt)
+    gmm_cfg = json.loads((out / "gmm" / "config.json").read_text())
+    assert gmm_cfg["kind"] == "gmm" and gmm_cfg["model"]["k"] == 10 and not (out / "gmm" / "model.pt").exists()
     assert "never compare across representations" in (out / "compare.md").read_text()
     # the same comparison from the saved run folders gives the same numbers (same seed, same draws)
     again = tmp_path / "again"

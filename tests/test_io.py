@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from pyrovae.config import CONFIG_VERSION, RunConfig
 from pyrovae.data import Pixels, load_dataset, make_splits, read_idx, synthetic, write_idx_folder
 from pyrovae.errors import PyrovaeError, PyrovaeWarning
 from pyrovae.files import (
@@ -25,7 +26,7 @@ from pyrovae.files import (
     remove_stale_temp_files,
     write_json,
 )
-from pyrovae.runs import CONFIG_VERSION, DEFAULTS, check_config, read_config
+from pyrovae.runs import check_config, read_config
 
 
 class Planted:
@@ -174,9 +175,28 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ configs
+# the options of a version-1 config, as the previous release wrote them (flat, with config_version 1)
+V1_OPTIONS = {
+    "dataset": "fashion-mnist", "data_dir": None, "root": None, "download": False, "likelihood": "bernoulli",
+    "sigma": None, "allow_nonbinary": False, "binarize": "dynamic", "dequantize": False, "arch": "iwae",
+    "z_dim": None, "hidden": None, "activation": None, "elbo": "meanfield", "particles": None, "alpha": None,
+    "epochs": 10, "batch_size": 100, "lr": 1e-3, "clip_norm": None, "lr_schedule": "none", "lr_gamma": 0.95,
+    "warmup_epochs": 0.0, "val_size": None, "train_size": None, "device": "auto", "seed": 0, "autocast": None,
+}  # fmt: skip
+
+
 def _config(**changes):
-    cfg = {**DEFAULTS, "config_version": CONFIG_VERSION, **changes}
+    cfg = {**V1_OPTIONS, "config_version": 1, **changes}
     return {k: v for k, v in cfg.items() if v != "DROP"}
+
+
+def _v2(section=None, **changes):
+    cfg = RunConfig().to_dict()
+    target = cfg[section] if section else cfg
+    target.update(changes)
+    for k in [k for k, v in target.items() if v == "DROP"]:
+        del target[k]
+    return cfg
 
 
 @pytest.mark.parametrize(
@@ -190,7 +210,20 @@ def _config(**changes):
         (_config(epochs=True), "field 'epochs' is True"),
         (_config(seed=-1), "field 'seed' is -1"),
         (_config(val_size="10"), "field 'val_size' is '10'"),
-        (_config(config_version="DROP"), "config_version 'none'"),
+        (_config(config_version="DROP"), "version 'none'"),
+        (_config(config_version=7), "config_version 7"),
+        (_v2("model", hidden="abc"), "field 'model.hidden' is 'abc'"),
+        (_v2("training", lr="fast"), "field 'training.lr' is 'fast'"),
+        (_v2("model", hidden="DROP"), "lacks the field 'model.hidden'"),
+        (_v2("data", binarize="DROP"), "lacks the field 'data.binarize'"),
+        (_v2("training", epochs=True), "field 'training.epochs' is True"),
+        (_v2("training", seed=-1), "field 'training.seed' is -1"),
+        (_v2("data", val_size="10"), "field 'data.val_size' is '10'"),
+        (_v2("data", colour=True), "unknown field 'data.colour'"),
+        (_v2(optimiser="adam"), "unknown field 'optimiser'"),
+        (_v2(kind="flow"), "field 'kind' is 'flow'"),
+        (_v2(version=CONFIG_VERSION + 1), f"config version {CONFIG_VERSION + 1}"),
+        (_v2(training="DROP"), "lacks the field 'training'"),
     ],
 )
 def test_a_missing_or_mistyped_config_field_is_one_line(tmp_path, cfg, message):
@@ -203,7 +236,8 @@ def test_a_missing_or_mistyped_config_field_is_one_line(tmp_path, cfg, message):
 
 
 def test_a_complete_config_with_null_val_size_is_accepted():
-    assert check_config(_config(val_size=None, hidden="400,200", sigma=0.1))["val_size"] is None
+    assert check_config(_config(val_size=None, hidden="400,200", sigma=0.1)).data.val_size is None
+    assert check_config(_v2("data", val_size=None)).data.val_size is None
 
 
 # ---------------------------------------------------------------------------------------- data files

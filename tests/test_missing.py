@@ -118,7 +118,7 @@ def test_cli_train_masked_and_complete(tmp_path, capsys):
     run = tmp_path / "masked"
     assert main(["train-masked", *TINY, "--epochs", "1", "--mask", "random", "--rate", "0.4", "--out", str(run)]) == 0
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["masked"] and cfg["mask"] == "random" and cfg["mask_rate"] == 0.4
+    assert cfg["kind"] == "masked" and cfg["extra"] == {"mask": "random", "rate": 0.4}
     assert main(["complete", str(run), "--k", "50", "--n", "20", "--show", "3", "--completions", "2"]) == 0
     s = json.loads((run / "complete.json").read_text())
     assert s["n"] == 20 and s["k"] == 50 and s["missing_per_image"] == 14 * 28  # top half of 28 rows
@@ -169,6 +169,9 @@ def test_cli_train_masked_resume_equals_uninterrupted(tmp_path, capsys):
     assert a["epoch"] == b["epoch"] == 2
     assert a["params"].keys() == b["params"].keys()
     assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
+    ma, mb = a["modules"]["model"], b["modules"]["model"]  # the masked VAE's parameters, by module key
+    assert ma.keys() == mb.keys() and len(ma) > 0
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
 
     plain = tmp_path / "plain"
     assert main(["train", *TINY, "--epochs", "1", "--out", str(plain)]) == 0

@@ -138,6 +138,14 @@ def test_semisupervised_cli_writes_its_files(tmp_path):
     s = json.loads((out / "ssl.json").read_text())
     assert s["labels"] == 20 and s["n_unlabelled"] == 380 and 0 <= s["m2"]["test_accuracy"] <= 1
     assert 0 <= s["baseline"]["test_accuracy"] <= 1 and s["baseline"]["steps"] == s["steps"] == 4
+    # a run folder like the others: config.json of kind semisupervised, and load_run rebuilds the trained M2
+    from pyrovae.runs import load_run
+
+    cfg, splits, m2 = load_run(out, "cpu")
+    assert cfg.kind == "semisupervised" and cfg.extra.labels == 20 and cfg.model.hidden == (16,)
+    assert len(splits.train) == 400 and isinstance(m2, M2)
+    acc = float((m2.predict(splits.test.all()) == splits.test.labels).double().mean())
+    assert acc == pytest.approx(s["m2"]["test_accuracy"], abs=1e-12)  # the same weights: the same predictions
 
 
 @pytest.mark.parametrize(

@@ -125,8 +125,8 @@ def test_overwrite_then_fail_keeps_the_old_run_byte_identical(run, tmp_path, cap
     # a successful replacement removes the old run's evaluation
     code, _ = cli(capsys, "train", *SMALL, "--epochs", "1", "--seed", "3", "--overwrite", "--out", run)
     assert code == 0 and not (run / "eval.json").exists()
-    assert json.loads((run / "config.json").read_text())["seed"] == 3
-    assert load_checkpoint(run / "checkpoint.pt")["config"]["seed"] == 3
+    assert json.loads((run / "config.json").read_text())["training"]["seed"] == 3
+    assert load_checkpoint(run / "checkpoint.pt")["config"]["training"]["seed"] == 3
 
 
 def test_a_second_writer_is_refused_naming_the_holder_and_a_stale_lock_is_taken_over(run, capsys):
@@ -142,16 +142,24 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_stale_lock_is_taken_
     assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 2 and not (run / ".lock").exists()
 
 
+def _set(cfg: dict, section: str, **changes) -> dict:
+    return {**cfg, section: {**cfg[section], **changes}}
+
+
+def _drop(cfg: dict, section: str, key: str) -> dict:
+    return {**cfg, section: {k: v for k, v in cfg[section].items() if k != key}}
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
         (lambda c: [c], "not a run config: it holds a JSON list"),
-        (lambda c: {**c, "hidden": "abc"}, "field 'hidden' is 'abc'"),
-        (lambda c: {**c, "lr": "fast"}, "field 'lr' is 'fast'"),
-        (lambda c: {k: v for k, v in c.items() if k != "hidden"}, "lacks the field 'hidden'"),
-        (lambda c: {k: v for k, v in c.items() if k != "binarize"}, "lacks the field 'binarize'"),
+        (lambda c: _set(c, "model", hidden="abc"), "field 'model.hidden' is 'abc'"),
+        (lambda c: _set(c, "training", lr="fast"), "field 'training.lr' is 'fast'"),
+        (lambda c: _drop(c, "model", "hidden"), "lacks the field 'model.hidden'"),
+        (lambda c: _drop(c, "data", "binarize"), "lacks the field 'data.binarize'"),
         (
-            lambda c: {**c, "hidden": "32"},
+            lambda c: _set(c, "model", hidden=[32]),
             "is (16, 784) there, (32, 784) here (another architecture)",
         ),  # another architecture
     ],

@@ -10,6 +10,7 @@ user's own) fall back to their ``loss_and_grads``.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -219,6 +220,7 @@ def fit(
     on_first_checkpoint: Callable[[], None] | None = None,
     data_plate: str | None = None,
     callbacks: Sequence[Callback] = (),
+    modules: dict[str, torch.nn.Module] | None = None,
 ) -> FitResult:
     """Train ``model``/``guide`` (any Pyro programs) on ``data`` by maximising an ELBO.
 
@@ -237,6 +239,9 @@ def fit(
     The minibatch scale N/B goes on the sites of the data plate: ``data_plate``, else the plate named
     ``data``, else the plate of the batch's size (:class:`pyrovae.handlers.DataScale`); ``num_data=N`` is
     passed to a program only if it names that parameter.
+    The checkpoint keeps ``modules`` (role: ``nn.Module``) whole, by ``state_dict`` (buffers too); by default the
+    module whose methods ``model`` and ``guide`` are (role ``model``; ``guide`` too if another's). Parameters of
+    no module (a bare ``pyro.param``) are kept by param-store name.
     """
     data = TensorData(data) if isinstance(data, torch.Tensor) else data
     val_data = TensorData(val_data) if isinstance(val_data, torch.Tensor) else val_data
@@ -262,7 +267,7 @@ def fit(
         if callback is not None:  # a plain callable runs after each epoch; a Callback joins as it is
             given.insert(0, callback if isinstance(callback, Callback) else EpochFunction(callback))
         loop = Loop(
-            _new_state(program, lr, lr_schedule, lr_gamma, epochs, seed, config),
+            _new_state(program, lr, lr_schedule, lr_gamma, epochs, seed, config, _modules(model, guide, modules)),
             program,
             strategy,
             merge_callbacks(default_callbacks(out, quiet, on_first_checkpoint), given),
@@ -295,15 +300,40 @@ def fit(
     return result
 
 
+def _owner(fn: Callable) -> torch.nn.Module | None:
+    """The module a program is a method of (through ``functools.partial``), if any."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    owner = getattr(fn, "__self__", None)
+    return owner if isinstance(owner, torch.nn.Module) else None
+
+
+def _modules(model: Callable, guide: Callable, given: dict[str, torch.nn.Module] | None) -> dict[str, torch.nn.Module]:
+    """The modules a checkpoint keeps whole, by role: those given, else the owners of ``model`` and ``guide``."""
+    if given is not None:
+        return dict(given)
+    owners = {"model": _owner(model), "guide": _owner(guide)}
+    if owners["guide"] is owners["model"]:
+        owners["guide"] = None
+    return {role: m for role, m in owners.items() if m is not None}
+
+
 def _new_state(
-    program: Program, lr: float, lr_schedule: str, lr_gamma: float, epochs: int, seed: int | None, config: dict | None
+    program: Program,
+    lr: float,
+    lr_schedule: str,
+    lr_gamma: float,
+    epochs: int,
+    seed: int | None,
+    config: dict | None,
+    modules: dict[str, torch.nn.Module],
 ) -> TrainState:
     """A fresh state: Adam over the program's parameters (one fused kernel on CUDA, foreach on a CPU)."""
     params = list(program.params.values())
     fused = program.device.type == "cuda" and all(p.is_cuda and p.is_floating_point() for p in params)
     optimizer = torch.optim.Adam(params, lr=lr, fused=fused, foreach=None if fused else True)
     scheduler = _make_scheduler(optimizer, lr_schedule, lr_gamma, epochs)
-    return TrainState(dict(program.params), optimizer, scheduler, perm_seed=seed, config=config)
+    return TrainState(dict(program.params), optimizer, scheduler, perm_seed=seed, config=config, modules=modules)
 
 
 def _make_scheduler(optimizer: torch.optim.Optimizer, name: str, gamma: float, epochs: int):

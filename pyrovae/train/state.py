@@ -1,7 +1,10 @@
 """``TrainState``: everything a training run needs to continue exactly where it stopped, saved and restored whole.
 
 Its ``state_dict`` is the checkpoint (``checkpoint.pt``: the keys of :data:`CHECKPOINT_KEYS` and the RNG
-states of every rank), in the format pyrovae has always written.
+states of every rank). The trained modules are saved whole under their role (``modules``: ``{"model":
+vae.state_dict()}``, buffers included), so a module renamed in Pyro's param store still reads back; only
+parameters that belong to no module (a bare ``pyro.param``) are kept by param-store name (``params``).
+Checkpoints of earlier releases (every parameter by its ``owner$$$param`` name, no ``modules``) still load.
 """
 
 from __future__ import annotations
@@ -37,8 +40,15 @@ def load_training_checkpoint(path: Path, map_location: torch.device | str | None
     return state
 
 
-def check_params(path: Path, saved: dict[str, Any], own: dict[str, torch.Tensor]) -> None:
-    """Refuse a checkpoint whose parameters do not match a model's, by name and by shape."""
+def check_params(path: Path, saved: dict[str, Any], own: dict[str, torch.Tensor], strict: bool = False) -> None:
+    """Refuse a checkpoint whose parameters do not match a model's, by name and by shape (``strict``: and
+    none that the model lacks)."""
+    if strict:
+        extra = [name for name in saved if name not in own]
+        if extra:
+            raise PyrovaeError(
+                f"checkpoint {path} does not match this model: it has {extra[0]}, which this model lacks"
+            )
     for name, p in own.items():
         value = saved.get(name)
         if value is None:
@@ -49,6 +59,27 @@ def check_params(path: Path, saved: dict[str, Any], own: dict[str, torch.Tensor]
                 f"checkpoint {path} does not match this model: {name} is {shape} there, {tuple(p.shape)} here "
                 "(another architecture)"
             )
+
+
+def module_tensors(modules: dict[str, torch.nn.Module]) -> set[int]:
+    """The ids of every tensor (parameters and buffers) the modules' state_dicts hold."""
+    return {id(t) for m in modules.values() for t in m.state_dict(keep_vars=True).values()}
+
+
+def module_states(modules: dict[str, torch.nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+    """Each module's state_dict (parameters and buffers), detached copies, by role."""
+    return {role: {k: v.detach().clone() for k, v in m.state_dict().items()} for role, m in modules.items()}
+
+
+def load_modules(path: Path, saved: Any, modules: dict[str, torch.nn.Module]) -> None:
+    """Copy a checkpoint's module states into ``modules`` in place (the optimiser keeps its tensors); a role,
+    key or shape that does not match is a one-line error."""
+    for role, module in modules.items():
+        state = saved.get(role) if isinstance(saved, dict) else None
+        if not isinstance(state, dict):
+            raise PyrovaeError(f"checkpoint {path} does not match this model: it has no module {role!r}")
+        check_params(path, state, module.state_dict(), strict=True)
+        module.load_state_dict(state)
 
 
 def rng_state() -> dict:
@@ -81,6 +112,7 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
     perm_seed: int | None = None  # seeds the shared permutations of data-parallel ranks
     config: dict | None = None  # the run's config, kept with the checkpoint
+    modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # saved whole by role (buffers too)
 
     def begin_epoch(self, perm: torch.Tensor) -> None:
         """Start an epoch over ``perm``, its sums at zero."""
@@ -110,7 +142,8 @@ class TrainState:
             "batch": self.batch,
             "perm": self.perm,
             "partial": partial,
-            "params": {name: p.detach().clone() for name, p in self.params.items()},
+            "modules": module_states(self.modules),
+            "params": {name: p.detach().clone() for name, p in self._loose().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "rng": rng[0],
@@ -121,14 +154,23 @@ class TrainState:
             "config": self.config,
         }
 
+    def _loose(self) -> dict[str, torch.Tensor]:
+        """The parameters that belong to none of ``modules`` (a bare ``pyro.param``), by param-store name."""
+        owned = module_tensors(self.modules)
+        return {name: p for name, p in self.params.items() if id(p) not in owned}
+
     def load_state_dict(self, state: dict, strategy: Strategy, device: torch.device, path: Path) -> int:
         """Continue from checkpoint ``state`` (read from ``path``); returns the number of processes that wrote it.
 
         The RNG states come back only when as many processes resume as saved (then the resume is bit-exact).
         """
-        check_params(path, state["params"], self.params)
+        loose = self.params  # a checkpoint of an earlier release: every parameter by param-store name
+        if "modules" in state:
+            load_modules(path, state["modules"], self.modules)
+            loose = self._loose()
+        check_params(path, state["params"], loose)
         with torch.no_grad():
-            for name, p in self.params.items():
+            for name, p in loose.items():
                 p.copy_(state["params"][name])
         try:
             self.optimizer.load_state_dict(state["optimizer"])
