@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PyrovaeError
-from ..files import RunLock, check_run_folder, remove_derived
 from ..infer import check_alpha
-from ..missing import MASK_KINDS, complete_run, train_masked
+from ..missing import MASK_KINDS, complete_run
+from ..training import train_run
 from .options import (
     add_data_options,
     add_device_option,
@@ -67,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def masked_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The masked run's config: :func:`train_config` plus the masks; on --resume, refuse other masks."""
+    """The masked run's config: :func:`train_config` plus the masks; on --resume, refuse other masks; check α."""
     cfg = train_config(args)  # on --resume: the saved run's, refusing changed options
     masks = {"mask": args.mask, "mask_rate": args.rate}
     if args.resume:
@@ -78,19 +78,22 @@ def masked_config(args: argparse.Namespace) -> dict[str, Any]:
         changed = [("rate" if k == "mask_rate" else k) for k, v in masks.items() if v is not None and v != cfg[k]]
         if changed:
             raise PyrovaeError(f"--resume continues the saved run; these options differ from it: {', '.join(changed)}")
-        return cfg
-    return {**cfg, "mask": args.mask or "mix", "mask_rate": 0.5 if args.rate is None else args.rate}
+    else:
+        cfg = {**cfg, "mask": args.mask or "mix", "mask_rate": 0.5 if args.rate is None else args.rate}
+    check_alpha(cfg["elbo"], cfg["alpha"])
+    return cfg
 
 
 def cmd_train_masked(args: argparse.Namespace) -> int:
-    # the folder is checked before the lock makes it, and again inside it
-    with RunLock(check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)):
-        out = check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)
-        cfg = masked_config(args)
-        check_alpha(cfg["elbo"], cfg["alpha"])
-        # the old run (with --overwrite) is replaced only once the new one has written its first checkpoint
-        replaced = (lambda: remove_derived(out)) if args.overwrite else None
-        _, _, result = train_masked(cfg, out, resume=args.resume, quiet=args.quiet, on_first_checkpoint=replaced)
+    out = Path(args.out)
+    _, result = train_run(
+        args.out,
+        lambda: masked_config(args),
+        resume=args.resume,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+        masked=True,
+    )
     if result.interrupted:
         print(
             f"interrupted: checkpoint saved in {out}; continue with: pyrovae train-masked --out {out} --resume",

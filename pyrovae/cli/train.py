@@ -1,19 +1,19 @@
-"""``pyrovae train``: options to a run config, then :func:`pyrovae.runs.train_vae` in the run folder."""
+"""``pyrovae train``: options to a run config, then :func:`pyrovae.training.train_run` (or torchrun)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from .. import distributed
 from ..errors import PyrovaeError
-from ..files import RunLock, check_run_folder, remove_derived
+from ..files import check_run_folder
 from ..infer import check_alpha
-from ..runs import DEFAULTS, read_config, resolve_device, train_vae
+from ..runs import DEFAULTS, read_config, resolve_device
+from ..training import train_run
 from .options import add_data_options, add_model_options, add_run_options, add_training_options, positive_int
 
 
@@ -63,12 +63,12 @@ def without_nproc(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def _checked_config(args: argparse.Namespace) -> dict[str, Any]:
-    out = check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)
+def checked_config(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`train_config`, refused for a masked run or a bad α."""
     cfg = train_config(args)
     if args.resume and cfg.get("masked"):
         raise PyrovaeError(
-            f"{out} was trained by 'pyrovae train-masked'; continue it with 'pyrovae train-masked --resume'"
+            f"{Path(args.out)} was trained by 'pyrovae train-masked'; continue it with 'pyrovae train-masked --resume'"
         )
     check_alpha(cfg["elbo"], cfg["alpha"])
     return cfg
@@ -76,28 +76,21 @@ def _checked_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    cfg = _checked_config(args)  # refuse bad options before locking, loading or launching anything
+    check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)
+    cfg = checked_config(args)  # refuse bad options before locking, loading or launching anything
     if args.nproc is not None and not distributed.launched():
         distributed.check_nproc(args.nproc, resolve_device(cfg["device"]))
         if args.nproc > 1:  # start the processes; each runs this command (less --nproc) under torchrun
             return distributed.launch(args.nproc, without_nproc(args.argv))
-    first = distributed.env_rank() == 0  # under torchrun only global rank 0 touches the run folder and prints
-    with RunLock(out) if first else nullcontext():
-        cfg = _checked_config(args)  # again, now that no other command can change the folder
-        replaced = (lambda: remove_derived(out)) if args.overwrite and first else None
-        try:
-            distributed.setup(resolve_device(cfg["device"]))  # under torchrun: join the process group, pick the GPU
-            # the old run (with --overwrite) is replaced only once the new one has written its first checkpoint
-            _, _, result = train_vae(
-                cfg,
-                out,
-                resume=args.resume,
-                quiet=args.quiet,
-                on_first_checkpoint=replaced,
-                tensorboard=args.tensorboard if first else None,
-            )
-        finally:
-            distributed.teardown()
+    cfg, result = train_run(
+        args.out,
+        lambda: checked_config(args),
+        resume=args.resume,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+        tensorboard=args.tensorboard,
+    )
+    first = distributed.env_rank() == 0  # under torchrun only global rank 0 prints
     if not first:
         return 130 if result.interrupted else 0
     if result.interrupted and result.checkpoint is None:
