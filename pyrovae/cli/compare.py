@@ -80,6 +80,7 @@ def compare_options(args: argparse.Namespace) -> CompareOptions:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    """Run ``pyrovae compare``; returns the exit code."""
     s = run_compare(compare_options(args))
     vae, gmm = s["models"]["vae"], s["models"]["gmm"]
     print(

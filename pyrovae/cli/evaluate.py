@@ -35,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Run ``pyrovae evaluate``; returns the exit code."""
     s = evaluate_run(
         args.run_dir,
         k=args.k,

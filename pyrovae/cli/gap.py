@@ -48,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_gap(args: argparse.Namespace) -> int:
+    """Run ``pyrovae gap``; returns the exit code."""
     s = gap_run(
         args.run_dir,
         args.n,

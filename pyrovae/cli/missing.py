@@ -85,6 +85,7 @@ def masked_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train_masked(args: argparse.Namespace) -> int:
+    """Run ``pyrovae train-masked``; returns the exit code (130 when interrupted)."""
     out = Path(args.out)
     _, result = train_run(
         args.out,
@@ -106,6 +107,7 @@ def cmd_train_masked(args: argparse.Namespace) -> int:
 
 
 def cmd_complete(args: argparse.Namespace) -> int:
+    """Run ``pyrovae complete``; returns the exit code."""
     s = complete_run(
         args.run_dir,
         args.mask,

@@ -41,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_samples(args: argparse.Namespace) -> int:
+    """Run ``pyrovae samples``; returns the exit code."""
     s = run_samples(
         args.run_dir,
         stage2_epochs=args.stage2_epochs,

@@ -42,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_semisupervised(args: argparse.Namespace) -> int:
+    """Run ``pyrovae semisupervised``; returns the exit code."""
     s = run_semisupervised(
         args.out,
         dataset=args.dataset,

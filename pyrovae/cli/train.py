@@ -75,6 +75,7 @@ def checked_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Run ``pyrovae train``; returns the exit code (130 when interrupted)."""
     out = Path(args.out)
     check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)
     cfg = checked_config(args)  # refuse bad options before locking, loading or launching anything
