@@ -15,13 +15,11 @@ mixture on pixels and for a mixture fitted on the VAE's latent posterior means.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -247,49 +245,80 @@ def _clusters(f: Fitted, x: torch.Tensor, z_mean: torch.Tensor | None, n_classes
     return gmm.assign(z_mean[:, active].to(x.device)).cpu().numpy(), source
 
 
-def run_compare(args: argparse.Namespace) -> dict[str, Any]:
+@dataclass(frozen=True)
+class CompareOptions:
+    """What ``run_compare`` trains or loads, and how it evaluates: the settings of one comparison."""
+
+    out: str = "runs/compare"
+    representation: str = "binary"  # a key of REPRESENTATIONS
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    root: str | None = None
+    download: bool = False
+    train_size: int | None = None
+    vae_run: str | None = None  # load the VAE from this run folder instead of training one
+    arch: str = "iwae"
+    likelihood: str | None = None  # None: the representation's decoder
+    epochs: int = 10
+    gmm_run: str | None = None  # load the mixture from this folder (a comparison's gmm/) instead of training
+    gmm_k: int = 10
+    gmm_covariance: str = "diag"
+    gmm_epochs: int = 20
+    k: int = 1000
+    n: int | None = None
+    memory_mb: float = 1024.0
+    device: str = "auto"
+    seed: int = 0
+    overwrite: bool = False
+    no_figures: bool = False
+    quiet: bool = False
+
+
+def run_compare(options: CompareOptions) -> dict[str, Any]:
     """Train or load both models, evaluate them with the same code, write compare.json/.md and figures."""
-    out = Path(args.out)
-    if args.representation not in REPRESENTATIONS:
-        raise PyrovaeError(f"unknown representation {args.representation!r}; choose {', '.join(REPRESENTATIONS)}")
-    vae_settings, family, bpd_kind = REPRESENTATIONS[args.representation]
-    if (out / "compare.json").exists() and not args.overwrite:
+    out = Path(options.out)
+    if options.representation not in REPRESENTATIONS:
+        raise PyrovaeError(f"unknown representation {options.representation!r}; choose {', '.join(REPRESENTATIONS)}")
+    vae_settings, family, bpd_kind = REPRESENTATIONS[options.representation]
+    if (out / "compare.json").exists() and not options.overwrite:
         raise PyrovaeError(f"{out} already holds a comparison; pass --overwrite to replace it or choose another --out")
-    resolve_device(args.device)  # fail early on a bad device
+    resolve_device(options.device)  # fail early on a bad device
     out.mkdir(parents=True, exist_ok=True)
     for sub in ("vae", "gmm"):
         remove_files(out / sub)
 
     # -- the VAE: loaded from a run folder, or trained here on the representation's data
-    if args.vae_run:
-        cfg = read_config(args.vae_run)
+    if options.vae_run:
+        cfg = read_config(options.vae_run)
         wanted = {k: v for k, v in vae_settings.items() if k != "likelihood"}
         if cfg.kind != "vae" or any(getattr(cfg.data, k) != v for k, v in wanted.items()):
-            raise PyrovaeError(f"{args.vae_run} was trained on another representation than {args.representation!r}")
+            raise PyrovaeError(
+                f"{options.vae_run} was trained on another representation than {options.representation!r}"
+            )
         from .runs import load_run
 
-        cfg, splits, vae = load_run(args.vae_run, args.device)
-        vae_seconds = sum(float(r) for r in _metric_column(Path(args.vae_run), "seconds"))
+        cfg, splits, vae = load_run(options.vae_run, options.device)
+        vae_seconds = sum(float(r) for r in _metric_column(Path(options.vae_run), "seconds"))
     else:
-        options = {**vae_settings, "dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs}
-        options.update({"train_size": args.train_size, "device": args.device, "seed": args.seed, "arch": args.arch})
-        options.update({"root": args.root, "download": args.download})
-        if args.likelihood:
-            options["likelihood"] = args.likelihood
-        cfg = with_options(RunConfig(), options)
+        given = {**vae_settings, "dataset": options.dataset, "data_dir": options.data_dir, "epochs": options.epochs}
+        given.update({"train_size": options.train_size, "device": options.device, "seed": options.seed})
+        given.update({"arch": options.arch, "root": options.root, "download": options.download})
+        if options.likelihood:
+            given["likelihood"] = options.likelihood
+        cfg = with_options(RunConfig(), given)
         t0 = time.perf_counter()
-        splits, vae, _ = train_vae(cfg, out / "vae", quiet=args.quiet)
+        splits, vae, _ = train_vae(cfg, out / "vae", quiet=options.quiet)
         vae_seconds = time.perf_counter() - t0
-    n_test = min(args.n or len(splits.test), len(splits.test))
+    n_test = min(options.n or len(splits.test), len(splits.test))
     x_test = splits.test.batch(torch.arange(n_test, device=splits.test.device))
     y_test = splits.test.labels[:n_test].cpu().numpy()
 
     # -- the mixture: loaded from a run folder, or trained here on the same split and device
-    if args.gmm_run:
-        gmm, gmm_seconds = load_mixture(Path(args.gmm_run), family, splits.train)
+    if options.gmm_run:
+        gmm, gmm_seconds = load_mixture(Path(options.gmm_run), family, splits.train)
     else:
         gmm, gmm_seconds = fit_mixture(
-            splits.train, args.gmm_k, family, args.gmm_covariance, args.gmm_epochs, out / "gmm", args.seed, args.quiet,
+            splits.train, options.gmm_k, family, options.gmm_covariance, options.gmm_epochs, out / "gmm", options.seed, options.quiet,
             data=cfg.data,
         )  # fmt: skip
 
@@ -300,7 +329,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     if not bool(active.any()):
         active = torch.ones_like(active)
     z_test = vae.encoder(x_test)[0].detach()
-    latent_gmm, _ = fit_mixture_latent(z_train[:, active], args.gmm_k, args.seed)
+    latent_gmm, _ = fit_mixture_latent(z_train[:, active], options.gmm_k, options.seed)
     latent_clusters = latent_gmm.assign(z_test[:, active]).cpu().numpy()
 
     # -- the same evaluation code for both
@@ -312,13 +341,13 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
             parameters=n_params(vae),
             train_seconds=vae_seconds,
             clusters=latent_clusters,
-            clustering_source=f"{args.gmm_k}-component GMM on latent means ({int(active.sum())} active units)",
+            clustering_source=f"{options.gmm_k}-component GMM on latent means ({int(active.sum())} active units)",
         ),
         "gmm": Fitted(
             gmm.model,
             gmm.guide,
-            description=f"{family} mixture, K={args.gmm_k}"
-            + (f", {args.gmm_covariance} covariance" if family == "gaussian" else ""),
+            description=f"{family} mixture, K={options.gmm_k}"
+            + (f", {options.gmm_covariance} covariance" if family == "gaussian" else ""),
             parameters=n_params(gmm),
             train_seconds=gmm_seconds,
             clusters=gmm.assign(x_test).cpu().numpy(),
@@ -330,25 +359,25 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
         models,
         x_test,
         labels=y_test,
-        k=args.k,
+        k=options.k,
         out=out,
         bits_per_dim_kind=bpd_kind,
-        memory_mb=args.memory_mb,
-        seed=args.seed,
+        memory_mb=options.memory_mb,
+        seed=options.seed,
         dataset=cfg.data.dataset,
-        representation=args.representation,
+        representation=options.representation,
         n_train=len(splits.train),
-        settings={k: v for k, v in vars(args).items() if k not in ("func", "command")},
+        settings=asdict(options),
         notes=[
             "Figures: `samples_vae_vs_mixture.png` (left 8 columns: VAE, decoder means at z ~ N(0, I); right 8: "
             "mixture, component means at k ~ Cat(weights)), `mixture_means.png` (all component means), "
             "`latents_by_cluster.png` (VAE posterior means of the test images, PCA, coloured by latent-GMM cluster)."
         ],
         title="VAE vs mixture",
-        progress=not args.quiet,
+        progress=not options.quiet,
     )
 
-    if not args.no_figures:
+    if not options.no_figures:
         from .figures import compare_figures
 
         summary["figures"] = compare_figures(vae, gmm, x_test, z_test, latent_clusters, out)
@@ -448,55 +477,3 @@ def _markdown(s: dict[str, Any]) -> str:
         lines += [note, ""]
     lines += ["Settings: `" + json.dumps(s["settings"], default=str) + "`", ""]
     return "\n".join(lines)
-
-
-def register_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "compare",
-        help="VAE vs Gaussian/Bernoulli mixture on one representation",
-        description="Train (or load) a VAE and a mixture on the same data; write compare.json, compare.md and figures.",
-    )
-    from .cli import _positive_float, _positive_int, _seed
-
-    p.add_argument(
-        "--representation",
-        choices=list(REPRESENTATIONS),
-        default="binary",
-        help="binary or dequantized (default binary)",
-    )
-    p.add_argument("--dataset", default="fashion-mnist", help="dataset name (default fashion-mnist)")
-    p.add_argument("--data-dir", help="folder of the dataset files")
-    p.add_argument("--root", help="torchvision root: looked in after $PYROVAE_DATA, downloaded into with --download")
-    p.add_argument("--download", action="store_true", help="download the dataset with torchvision if not found")
-    p.add_argument("--train-size", type=_positive_int, help="use only the first N training images")
-    p.add_argument("--vae-run", help="load the VAE from this run folder instead of training one")
-    p.add_argument("--arch", default="iwae", help="VAE arch preset when training (default iwae)")
-    p.add_argument("--likelihood", help="VAE decoder (default: bernoulli for binary, gaussian-diag for dequantized)")
-    p.add_argument("--epochs", type=_positive_int, default=10, help="VAE epochs when training (default 10)")
-    p.add_argument("--gmm-run", help="load the mixture from this folder (a comparison's gmm/) instead of training")
-    p.add_argument("--gmm-k", type=_positive_int, default=10, help="mixture components (default 10)")
-    p.add_argument("--gmm-covariance", choices=["diag", "full"], default="diag", help="Gaussian mixture covariance")
-    p.add_argument("--gmm-epochs", type=_positive_int, default=20, help="mixture epochs (default 20)")
-    p.add_argument(
-        "--k", type=_positive_int, default=1000, help="importance samples for the VAE's log p(x) (default 1000)"
-    )
-    p.add_argument("--n", type=_positive_int, help="evaluate on the first N test images (default all)")
-    p.add_argument("--memory-mb", type=_positive_float, default=1024.0, help="memory bound of the evaluation")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
-    p.add_argument("--overwrite", action="store_true", help="replace a comparison already in --out")
-    p.add_argument("--no-figures", action="store_true")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_compare)
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    s = run_compare(args)
-    vae, gmm = s["models"]["vae"], s["models"]["gmm"]
-    print(
-        f"{s['representation']}: VAE log p(x) {vae['log_likelihood']:.2f} vs mixture {gmm['log_likelihood']:.2f} "
-        f"nats/image; see {Path(args.out) / 'compare.md'}",
-        file=sys.stdout,
-    )
-    return 0

@@ -11,7 +11,6 @@ al. 2024; Yao et al. 2018) says whether the estimate can be trusted: < 0.5 good,
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -840,47 +839,3 @@ def _write_markdown(path: Path, s: dict[str, Any]) -> None:
     if s["worst"]:
         lines += ["Worst k̂: " + ", ".join(f"#{w['index']} ({w['khat']:.2f})" for w in s["worst"]), ""]
     atomic_write(path, lambda f: f.write("\n".join(lines).encode()))
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-def register_cli(sub: argparse._SubParsersAction) -> None:
-    """Add ``pyrovae evaluate`` to the CLI's subparsers."""
-    from .cli import _positive_float, _positive_int
-
-    e = sub.add_parser(
-        "evaluate",
-        help="importance-sampled log p(x), ELBO, bits/dim, Pareto k̂ and figures of a trained run",
-        description="Evaluate a trained run; writes RUN_DIR/eval.json, eval.md, eval.nc and figures.",
-    )
-    e.add_argument("run_dir", metavar="RUN_DIR", help="run folder made by 'pyrovae train --out'")
-    e.add_argument("--k", type=_positive_int, default=5000, help="importance samples per image (default 5000)")
-    e.add_argument("--split", choices=SPLITS, default="test", help="which split (default test)")
-    e.add_argument("--n", type=_positive_int, help="evaluate only the first N images of the split")
-    e.add_argument("--batch-size", type=_positive_int, help="images per model call (default: from --memory-mb)")
-    e.add_argument("--memory-mb", type=_positive_float, help="memory budget per model call (default 1024)")
-    e.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    e.add_argument("--no-figures", action="store_true", help="skip the figures")
-    e.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    e.set_defaults(func=cmd_evaluate)
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    s = evaluate_run(
-        args.run_dir,
-        k=args.k,
-        split=args.split,
-        n=args.n,
-        batch_size=args.batch_size,
-        memory_mb=args.memory_mb,
-        device=args.device,
-        figures=not args.no_figures,
-        quiet=args.quiet,
-    )
-    if not args.quiet:
-        bpd = f", {s['bits_per_dim']:.4f} bits/dim" if s["bits_per_dim"] is not None else ""
-        print(
-            f"log p(x) {s['log_likelihood']:.2f} ± {fmt(s['log_likelihood_sem'])}{bpd}, ELBO {s['elbo']:.2f} "
-            f"nats/image over {s['n']} {s['split']} images (K={s['k']}); k̂ > 0.7 for "
-            f"{fmt(s['khat_bad'], '.1%')}; written to {Path(args.run_dir) / 'eval.json'}"
-        )
-    return 0

@@ -278,3 +278,50 @@ class RunLock:
                 break
         os.close(self._fd)
         self._fd = None
+
+
+# ------------------------------------------------------------------------------------------- run folders
+# what commands write beside a run's checkpoint: results of the run they describe, removed when it is replaced
+DERIVED_FILES = (
+    *(f"{stem}.{ext}" for stem in ("eval", "gap") for ext in ("json", "md", "nc")),
+    "posterior.nc",
+    "complete.json",
+    "complete.md",
+    "completions.png",
+    "samples.json",
+    "samples.md",
+    "samples_compare.png",
+    *(f"{name}.png" for name in ("samples", "reconstructions", "interpolations", "latents", "training", "khat")),
+)
+
+
+def check_writable_folder(out: Path) -> None:
+    """Refuse a run folder that cannot be made or written (before any data is loaded): one line saying why."""
+    long = next((p for p in out.parts if len(os.fsencode(p)) > 255), None)
+    if long is not None or len(os.fsencode(str(out.absolute()))) > 4000:
+        raise PyrovaeError(f"--out {str(out)[:40]}...: file name too long (at most 255 bytes per folder name)")
+    if out.exists() and not out.is_dir():
+        raise PyrovaeError(f"--out {out} is a file, not a folder")
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise PyrovaeError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PyrovaeError(f"--out {out}: cannot write in {existing} (permission denied)")
+
+
+def check_run_folder(out: str, *, resume: bool, overwrite: bool) -> Path:
+    """The run folder a training writes into: writable, and not over a run unless told to resume or overwrite it."""
+    if not out.strip():
+        raise PyrovaeError(f"--out must name a run folder, got {out!r}")
+    folder = Path(out)
+    if resume and overwrite:
+        raise PyrovaeError("--resume and --overwrite exclude each other")
+    check_writable_folder(folder)
+    if not resume and (folder / "checkpoint.pt").exists() and not overwrite:
+        raise PyrovaeError(f"{folder} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    return folder
+
+
+def remove_derived(out: Path) -> None:
+    """Remove results of a replaced run (evaluations, figures) so that none describes the new one."""
+    remove_files(out, DERIVED_FILES)

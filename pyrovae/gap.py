@@ -12,11 +12,9 @@ For a few points, NUTS (``pyro.infer.MCMC``) samples p(z|x) itself, checked with
 
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -479,62 +477,3 @@ def _markdown(s: dict[str, Any]) -> str:
         lines += markdown_table(header, rows)
         lines += ["", nuts.get("note", "R̂ < 1.01 and bulk ESS > 400 are the usual marks of a trustworthy run."), ""]
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-def register_cli(sub: argparse._SubParsersAction) -> None:
-    """Add ``pyrovae gap``."""
-    from .cli import _count, _positive_float, _positive_int, _seed
-
-    g = sub.add_parser(
-        "gap",
-        help="approximation and amortisation gaps of a trained run, and its true posterior by NUTS",
-        description="Writes RUN_DIR/gap.json, gap.md and (with --nuts-points > 0) posterior.nc.",
-    )
-    g.add_argument("run_dir", metavar="RUN_DIR", help="run folder made by 'pyrovae train'")
-    g.add_argument("--n", type=_positive_int, default=100, help="images (default 100)")
-    g.add_argument("--steps", type=_positive_int, default=500, help="SVI steps of the local fit (default 500)")
-    g.add_argument(
-        "--lr", type=_positive_float, default=0.01, help="Adam learning rate of the local fit (default 0.01)"
-    )
-    g.add_argument("--particles", type=_positive_int, default=10, help="draws per SVI step (default 10)")
-    g.add_argument("--k", type=_positive_int, default=5000, help="importance samples per proposal (default 5000)")
-    g.add_argument("--nuts-points", type=_count, default=3, help="images sampled by NUTS (default 3; 0: none)")
-    g.add_argument("--warmup", type=_positive_int, default=300, help="NUTS warm-up steps per chain (default 300)")
-    g.add_argument("--samples", type=_positive_int, default=300, help="NUTS draws per chain (default 300)")
-    g.add_argument("--chains", type=_positive_int, default=2, help="NUTS chains, run in turn (default 2)")
-    g.add_argument("--jit", action="store_true", help="JIT-trace the NUTS potential (about 2x faster)")
-    g.add_argument("--split", choices=["test", "val"], default="test", help="which split (default test)")
-    g.add_argument("--memory-mb", type=_positive_float, default=1024.0, help="memory bound per call (default 1024)")
-    g.add_argument("--seed", type=_seed, default=0)
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars or summary")
-    g.set_defaults(func=cmd_gap)
-
-
-def cmd_gap(args: argparse.Namespace) -> int:
-    s = gap_run(
-        args.run_dir,
-        args.n,
-        args.steps,
-        args.k,
-        args.nuts_points,
-        warmup=args.warmup,
-        samples=args.samples,
-        chains=args.chains,
-        lr=args.lr,
-        particles=args.particles,
-        split=args.split,
-        seed=args.seed,
-        memory_mb=args.memory_mb,
-        device=args.device,
-        jit=args.jit,
-        progress=not args.quiet and sys.stderr.isatty(),
-    )
-    if not args.quiet:
-        print(
-            f"log p(x) {s['log_likelihood']:.2f}, L[q*] {s['elbo_qstar']:.2f}, L[q] {s['elbo_q']:.2f}: approximation "
-            f"gap {s['approximation_gap']:.2f}, amortisation gap {s['amortization_gap']:.2f} nats/image over "
-            f"{s['n']} images; see {Path(args.run_dir) / 'gap.md'}"
-        )
-    return 0

@@ -15,10 +15,7 @@ Masks are boolean with True = observed; a missing pixel misses all its channels.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,15 +27,14 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from .config import MaskConfig, RunConfig
+from .config import RunConfig
 from .data import ImageData, Splits
 from .errors import PyrovaeError
 from .evaluate import importance_draws, log_likelihood
 from .handlers import off_rng
-from .infer import check_alpha
 from .likelihoods import Likelihood
 from .models import VAE, vae_parts
-from .nets import ACTIVATIONS, PRESETS, Arch
+from .nets import Arch
 from .reports import fmt, markdown_table
 from .runs import arch_from_config
 
@@ -301,12 +297,13 @@ def completion_grid(x: torch.Tensor, mask: torch.Tensor, completions: torch.Tens
 # ----------------------------------------------------------------------------------------- run folder
 def build_masked_model(cfg: RunConfig, splits: Splits) -> MaskedVAE:
     """The run's masked VAE on the data's device, checked against the data's support."""
-    from .runs import check_support
+    from .runs import check_support, set_autocast
 
     m = cfg.model
     vae = build_masked_vae(
         splits.train.shape, m.likelihood, arch_from_config(m), pixel_mean=splits.train_pixel_mean.cpu(), sigma=m.sigma
     ).to(splits.train.device)
+    set_autocast(vae, m.autocast)  # networks in mixed precision, as in runs.build_model
     check_support(vae, cfg, splits)
     return vae
 
@@ -460,137 +457,3 @@ def _markdown(s: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a missing rate in (0, 1), got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a missing rate in (0, 1), got {text!r}")
-    return value
-
-
-def register_cli(sub: argparse._SubParsersAction) -> None:
-    """Add ``pyrovae train-masked`` and ``pyrovae complete``."""
-    from .cli import _hidden, _positive_float, _positive_int, _seed, add_data_options
-    from .infer import ESTIMATORS
-    from .likelihoods import LIKELIHOODS
-
-    t = sub.add_parser(
-        "train-masked",
-        help="train a VAE on images with missing pixels (for 'pyrovae complete')",
-        description="Train a masked VAE; writes OUT/metrics.csv, config.json, checkpoint.pt.",
-    )
-    add_data_options(t)
-    g = t.add_argument_group("masks")
-    g.add_argument("--mask", choices=MASK_KINDS, help="training masks (default mix)")
-    g.add_argument("--rate", type=_rate, help="missing rate of random masks (default 0.5)")
-    g = t.add_argument_group("model and optimiser")
-    g.add_argument("--likelihood", choices=list(LIKELIHOODS), help="decoder likelihood (default bernoulli)")
-    g.add_argument("--sigma", type=_positive_float, help="σ of the fixed-σ gaussian likelihood")
-    g.add_argument("--allow-nonbinary", action="store_true", default=None, help="bernoulli on non-binary pixels")
-    g.add_argument("--arch", choices=list(PRESETS), help="network preset (default iwae)")
-    g.add_argument("--z-dim", type=_positive_int, help="latent dimension (overrides the preset)")
-    g.add_argument("--hidden", type=_hidden, help="hidden sizes, e.g. 400,200 (overrides the preset)")
-    g.add_argument("--activation", choices=list(ACTIVATIONS), help="hidden activation (overrides the preset)")
-    g.add_argument("--elbo", choices=list(ESTIMATORS), help="estimator (default meanfield)")
-    g.add_argument("--particles", type=_positive_int, help="K samples per datapoint")
-    g.add_argument("--alpha", type=float, help="α of the renyi bound")
-    g.add_argument(
-        "--epochs", type=_positive_int, help="epochs in total (default 10; with --resume, may extend the run)"
-    )
-    g.add_argument("--batch-size", type=_positive_int, help="minibatch size (default 100)")
-    g.add_argument("--lr", type=_positive_float, help="Adam learning rate (default 1e-3)")
-    g.add_argument("--clip-norm", type=_positive_float, help="clip the gradient's global norm to this")
-    g.add_argument("--device", help="auto, cpu or cuda (default auto)")
-    g.add_argument("--seed", type=_seed, help="seed (default 0)")
-    g.add_argument("--out", default="runs/masked", help="run folder (default runs/masked)")
-    g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    g.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
-    t.set_defaults(func=cmd_train_masked)
-
-    c = sub.add_parser(
-        "complete",
-        help="complete missing pixels with a masked run: SNIS log p(x_miss|x_obs) vs a baseline, and a grid",
-        description="Writes RUN_DIR/complete.json, complete.md and completions.png.",
-    )
-    c.add_argument("run_dir", metavar="RUN_DIR", help="run folder made by 'pyrovae train-masked'")
-    c.add_argument("--mask", choices=MASK_KINDS, default="top-half", help="evaluation masks (default top-half)")
-    c.add_argument("--rate", type=_rate, default=0.5, help="missing rate of random masks (default 0.5)")
-    c.add_argument("--k", type=_positive_int, default=1000, help="importance samples per image (default 1000)")
-    c.add_argument("--n", type=_positive_int, default=500, help="images to complete (default 500)")
-    c.add_argument("--split", choices=["test", "val"], default="test", help="which split (default test)")
-    c.add_argument("--show", type=int, default=8, help="images in completions.png (default 8; 0: no figure)")
-    c.add_argument("--completions", type=_positive_int, default=5, help="draws per image in the figure (default 5)")
-    c.add_argument("--memory-mb", type=_positive_float, default=1024.0, help="memory bound per call (default 1024)")
-    c.add_argument("--seed", type=_seed, default=0, help="seed of the masks and draws (default 0)")
-    c.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    c.add_argument("--quiet", action="store_true", help="no summary line")
-    c.set_defaults(func=cmd_complete)
-
-
-def cmd_train_masked(args: argparse.Namespace) -> int:
-    from .cli import check_run_folder
-    from .files import RunLock
-
-    with RunLock(check_run_folder(args)):  # checked before the lock makes the folder, and again inside it
-        return _train_masked_locked(args)
-
-
-def _train_masked_locked(args: argparse.Namespace) -> int:
-    from .cli import check_run_folder, remove_derived, train_config
-
-    out = check_run_folder(args)
-    cfg = train_config(args)  # on --resume: the saved run's, refusing changed options
-    masks = {"mask": args.mask, "rate": args.rate}
-    if args.resume:
-        if cfg.kind != "masked":
-            raise PyrovaeError(
-                f"{out} was not trained by 'pyrovae train-masked'; continue it with 'pyrovae train --resume'"
-            )
-        changed = [k for k, v in masks.items() if v is not None and v != getattr(cfg.extra, k)]
-        if changed:
-            raise PyrovaeError(f"--resume continues the saved run; these options differ from it: {', '.join(changed)}")
-    else:
-        extra = MaskConfig(mask=args.mask or "mix", rate=0.5 if args.rate is None else args.rate)
-        cfg = dataclasses.replace(cfg, kind="masked", extra=extra)
-    check_alpha(cfg.training.elbo, cfg.training.alpha)
-    # the old run (with --overwrite) is replaced only once the new one has written its first checkpoint
-    replaced = (lambda: remove_derived(out)) if args.overwrite else None
-    _, _, result = train_masked(cfg, out, resume=args.resume, quiet=args.quiet, on_first_checkpoint=replaced)
-    if result.interrupted:
-        print(
-            f"interrupted: checkpoint saved in {out}; continue with: pyrovae train-masked --out {out} --resume",
-            file=sys.stderr,
-        )
-        return 130
-    last = result.history[-1]
-    print(f"done: {result.epochs_done} epochs, val ELBO (observed pixels) {last['val_elbo']:.2f} nats/image; {out}")
-    return 0
-
-
-def cmd_complete(args: argparse.Namespace) -> int:
-    s = complete_run(
-        args.run_dir,
-        args.mask,
-        args.rate,
-        args.k,
-        args.n,
-        split=args.split,
-        show=args.show,
-        completions=args.completions,
-        seed=args.seed,
-        memory_mb=args.memory_mb,
-        device=args.device,
-    )
-    if not args.quiet:
-        print(
-            f"log p(x_miss|x_obs) {s['log_p_missing']:.2f} nats/image ({s['log_p_missing_per_pixel']:.4f}/pixel) vs "
-            f"baseline {s['baseline_log_p_missing']:.2f} ({s['baseline_log_p_missing_per_pixel']:.4f}/pixel) over "
-            f"{s['n']} images, K={s['k']}; see {Path(args.run_dir) / 'complete.md'}"
-        )
-    return 0

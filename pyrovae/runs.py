@@ -76,16 +76,20 @@ def check_support(module: torch.nn.Module, cfg: RunConfig, splits: Splits) -> No
     module.likelihood.check_support(sample, allow=cfg.data.allow_nonbinary)
 
 
+def set_autocast(vae: VAE, autocast: str | None) -> None:
+    """Run ``vae``'s networks in mixed precision (``bf16`` or ``fp16``), or in full precision (None)."""
+    if autocast and autocast not in AUTOCAST:
+        raise PyrovaeError(f"unknown --autocast {autocast!r}; choose one of {', '.join(AUTOCAST)}")
+    vae.autocast = AUTOCAST[autocast] if autocast else None
+
+
 def build_model(cfg: RunConfig, splits: Splits) -> VAE:
     """The run's VAE, on the data's device, checked against the data's support."""
     m = cfg.model
     vae = build_vae(
         splits.train.shape, m.likelihood, arch_from_config(m), pixel_mean=splits.train_pixel_mean.cpu(), sigma=m.sigma
     ).to(splits.train.device)
-    if m.autocast:
-        if m.autocast not in AUTOCAST:
-            raise PyrovaeError(f"unknown --autocast {m.autocast!r}; choose one of {', '.join(AUTOCAST)}")
-        vae.autocast = AUTOCAST[m.autocast]
+    set_autocast(vae, m.autocast)
     check_support(vae, cfg, splits)
     return vae
 

@@ -17,9 +17,7 @@ uses the posterior means instead. Sample quality is measured without downloaded 
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -545,67 +543,6 @@ def _markdown(s: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-def register_cli(sub: argparse._SubParsersAction) -> None:
-    """Add ``pyrovae samples`` to the CLI's subparsers."""
-    from .cli import _hidden, _positive_int, _seed
-
-    p = sub.add_parser(
-        "samples",
-        help="two-stage VAE and latent-GMM samples of a trained run, against the prior",
-        description="Fit a two-stage VAE and a latent GMM on a run's codes; write samples.json, samples.md, "
-        "samples_compare.png into RUN_DIR (or --out).",
-    )
-    p.add_argument(
-        "run_dir", metavar="RUN_DIR", help="run folder made by 'pyrovae train --likelihood gaussian-learned'"
-    )
-    p.add_argument("--stage2-epochs", type=_positive_int, default=20, help="epochs of the stage-2 VAE (default 20)")
-    p.add_argument("--stage2-hidden", type=_hidden, default="512,512", help="stage-2 hidden sizes (default 512,512)")
-    p.add_argument("--gmm-k", type=_positive_int, default=20, help="latent GMM components (default 20)")
-    p.add_argument("--n", type=_positive_int, default=1000, help="samples per sampler and test images (default 1000)")
-    p.add_argument(
-        "--codes", choices=CODES, default="sample", help="fit on posterior samples or means (default sample)"
-    )
-    p.add_argument(
-        "--referee", help="a run folder whose VAE scores the samples (default: train one, see --referee-epochs)"
-    )
-    p.add_argument("--referee-epochs", type=_positive_int, default=5, help="epochs of the referee VAE (default 5)")
-    p.add_argument(
-        "--k", type=_positive_int, default=100, help="importance samples for the referee's log p(x) (default 100)"
-    )
-    p.add_argument("--seed", type=_seed, default=0, help="seed (default 0)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    p.add_argument("--out", help="output folder (default RUN_DIR)")
-    p.add_argument("--allow-other-likelihood", action="store_true", help="run on a decoder other than gaussian-learned")
-    p.add_argument("--quiet", action="store_true", help="no per-epoch lines or summary")
-    p.set_defaults(func=cmd_samples)
-
-
-def cmd_samples(args: argparse.Namespace) -> int:
-    s = run_samples(
-        args.run_dir,
-        stage2_epochs=args.stage2_epochs,
-        stage2_hidden=tuple(int(h) for h in args.stage2_hidden.split(",")),
-        gmm_k=args.gmm_k,
-        n=args.n,
-        codes=args.codes,
-        referee_run=args.referee,
-        referee_epochs=args.referee_epochs,
-        k=args.k,
-        seed=args.seed,
-        device=args.device,
-        out=args.out,
-        allow_other_likelihood=args.allow_other_likelihood,
-        quiet=args.quiet,
-    )
-    if not args.quiet:
-        rows = s["samplers"]
-        text = ", ".join(f"{name} {rows[name]['mmd2_pixels']:.4f}" for name in ("prior", "two_stage", "latent_gmm"))
-        where = Path(args.out or args.run_dir) / "samples.md"
-        print(f"pixel MMD² to the test set: {text}; see {where}", file=sys.stdout)
-    return 0
 
 
 __all__ = [

@@ -17,7 +17,6 @@ holds ``batch_size`` unlabelled images (one epoch = one pass over them) and a fr
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import sys
@@ -494,75 +493,6 @@ def _markdown(s: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-def register_cli(sub: argparse._SubParsersAction) -> None:
-    """Add ``pyrovae semisupervised`` to the CLI's subparsers."""
-    from .cli import _hidden, _positive_float, _positive_int, _seed
-    from .data import BINARIZE, DATASETS
-    from .likelihoods import LIKELIHOODS
-
-    p = sub.add_parser(
-        "semisupervised",
-        help="M2 semi-supervised VAE on a few labels, against a supervised baseline",
-        description="Train M2 (Kingma et al. 2014) on --labels balanced labels plus the unlabelled rest; "
-        "write OUT/ssl.json, ssl.md and samples_per_class.png.",
-    )
-    p.add_argument(
-        "--dataset", choices=[*DATASETS, "synthetic"], default="fashion-mnist", help="(default fashion-mnist)"
-    )
-    p.add_argument("--data-dir", help="folder holding the dataset files")
-    p.add_argument("--train-size", type=_positive_int, help="use only the first N training images")
-    p.add_argument(
-        "--labels", type=_positive_int, default=100, help="labelled examples, balanced per class (default 100)"
-    )
-    p.add_argument("--epochs", type=_positive_int, default=10, help="passes over the unlabelled images (default 10)")
-    p.add_argument("--batch-size", type=_positive_int, default=100, help="unlabelled images per step (default 100)")
-    p.add_argument("--labelled-batch", type=_positive_int, default=50, help="labelled images per step (default 50)")
-    p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    p.add_argument(
-        "--alpha-scale", type=float, default=1.0, help="α = this · N for the classification term (default 1; paper 0.1)"
-    )
-    p.add_argument("--likelihood", choices=list(LIKELIHOODS), default="bernoulli", help="decoder (default bernoulli)")
-    p.add_argument("--binarize", choices=BINARIZE, default="dynamic", help="pixel handling (default dynamic)")
-    p.add_argument("--hidden", type=_hidden, default="500", help="hidden sizes of all three MLPs (default 500)")
-    p.add_argument("--z-dim", type=_positive_int, default=50, help="latent dimension (default 50)")
-    p.add_argument("--seed", type=_seed, default=0, help="seed (default 0)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    p.add_argument("--out", default="runs/ssl", help="output folder (default runs/ssl)")
-    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
-    p.add_argument("--quiet", action="store_true", help="no per-epoch lines or summary")
-    p.set_defaults(func=cmd_semisupervised)
-
-
-def cmd_semisupervised(args: argparse.Namespace) -> int:
-    s = run_semisupervised(
-        args.out,
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        labels=args.labels,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        labelled_batch=args.labelled_batch,
-        lr=args.lr,
-        alpha_scale=args.alpha_scale,
-        likelihood=args.likelihood,
-        binarize=args.binarize,
-        hidden=tuple(int(h) for h in args.hidden.split(",")),
-        z_dim=args.z_dim,
-        train_size=args.train_size,
-        seed=args.seed,
-        device=args.device,
-        overwrite=args.overwrite,
-        quiet=args.quiet,
-    )
-    if not args.quiet:
-        print(
-            f"test accuracy with {s['labels']} labels: M2 {s['m2']['test_accuracy']:.4f}, supervised baseline "
-            f"{s['baseline']['test_accuracy']:.4f}; see {Path(args.out) / 'ssl.md'}"
-        )
-    return 0
 
 
 __all__ = [

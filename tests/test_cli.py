@@ -106,3 +106,88 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["epoch"] >= 1
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]  # no half-written files left
+
+
+def _options(parser) -> dict[str, object]:
+    """A parser's optional arguments by option string."""
+    return {s: a for a in parser._actions for s in a.option_strings if s.startswith("--")}
+
+
+def _subparsers() -> dict[str, object]:
+    import argparse
+
+    from pyrovae.cli import build_parser
+
+    parser = build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_every_training_command_has_every_training_option():
+    # train and train-masked build the same run config: each must accept every option of the shared groups,
+    # with the same type and choices (train-masked lacked --lr-schedule, --lr-gamma, --warmup-epochs, --autocast)
+    import argparse
+
+    from pyrovae.cli.options import add_data_options, add_model_options, add_run_options, add_training_options
+
+    groups = argparse.ArgumentParser()
+    for add in (add_data_options, add_model_options, add_training_options):
+        add(groups)
+    add_run_options(groups, "runs/x")
+    shared = _options(groups)
+    assert {"--lr-schedule", "--lr-gamma", "--warmup-epochs", "--autocast", "--clip-norm", "--val-size"} <= set(shared)
+    commands = _subparsers()
+    for name in ("train", "train-masked"):
+        options = _options(commands[name])
+        assert set(shared) <= set(options), (name, set(shared) - set(options))
+        for flag, action in shared.items():
+            assert (options[flag].type, options[flag].choices) == (action.type, action.choices), (name, flag)
+
+
+def test_data_options_share_their_choices_across_commands():
+    commands = _subparsers()
+    for flag in ("--dataset", "--binarize"):
+        having = {name: _options(p)[flag] for name, p in commands.items() if flag in _options(p)}
+        assert len(having) >= 3, (flag, sorted(having))  # train, train-masked and compare/semisupervised
+        choices = {name: tuple(a.choices) for name, a in having.items()}
+        assert len(set(choices.values())) == 1 and None not in choices.values(), choices
+    assert {"compare", "semisupervised"} <= {n for n, p in commands.items() if "--dataset" in _options(p)}
+    # commands outside the training config keep their own defaults for the shared options
+    compare = commands["compare"].parse_args([])
+    assert compare.dataset == "fashion-mnist" and compare.download is False
+    assert commands["semisupervised"].parse_args([]).binarize == "dynamic"
+
+
+def test_library_modules_do_not_import_the_cli():
+    # the CLI is a layer on top: importing any library module must not pull in pyrovae.cli (no import cycle)
+    import pkgutil
+
+    import pyrovae
+
+    names = [
+        m.name for m in pkgutil.walk_packages(pyrovae.__path__, "pyrovae.") if not m.name.startswith("pyrovae.cli")
+    ]
+    names = [n for n in names if n != "pyrovae.__main__"]
+    assert "pyrovae.evaluate" in names and "pyrovae.comparison" in names
+    code = (
+        "import importlib, sys\n"
+        f"for name in {names!r}:\n"
+        "    importlib.import_module(name)\n"
+        "    assert 'pyrovae.cli' not in sys.modules, name\n"
+        "print('ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_library_code_knows_nothing_of_argparse():
+    from pathlib import Path
+
+    import pyrovae
+
+    root = Path(pyrovae.__file__).parent
+    offenders = [
+        str(p.relative_to(root))
+        for p in root.rglob("*.py")
+        if "cli" not in p.relative_to(root).parts and "argparse" in p.read_text()
+    ]
+    assert offenders == []

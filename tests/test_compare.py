@@ -84,3 +84,19 @@ def test_the_makefile_demo_command_parses():
     line = re.search(r"\$\(BIN\)/pyrovae (compare[^\n]*)", text).group(1)
     args = build_parser().parse_args(shlex.split(line))
     assert args.command == "compare" and args.download and args.dataset == "fashion-mnist"
+
+
+def test_run_compare_takes_typed_options_and_refuses_a_bad_representation(tmp_path):
+    # the library entry point takes a CompareOptions (no argparse); bad settings are one PyrovaeError
+    import dataclasses
+
+    from pyrovae.comparison import CompareOptions, run_compare
+    from pyrovae.errors import PyrovaeError
+
+    options = CompareOptions(out=str(tmp_path / "c"), representation="jpeg")
+    assert dataclasses.is_dataclass(options) and options.dataset == "fashion-mnist" and options.k == 1000
+    with pytest.raises(PyrovaeError, match="unknown representation 'jpeg'"):
+        run_compare(options)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.k = 5  # type: ignore[misc]
+    assert not (tmp_path / "c").exists()  # refused before anything is written

@@ -143,6 +143,30 @@ def test_cli_train_masked_and_complete(tmp_path, capsys):
     assert len(err) == 1 and "expected a missing rate in (0, 1)" in err[0]
 
 
+def test_cli_train_masked_takes_the_schedule_warmup_and_autocast_options_of_train(tmp_path, capsys):
+    # the four training options train-masked lacked: recorded in its config and acted on in training
+    import csv
+
+    from pyrovae.missing import load_masked_run
+
+    run = tmp_path / "masked"
+    schedule = ["--lr", "0.01", "--lr-schedule", "exponential", "--lr-gamma", "0.5", "--warmup-epochs", "2"]
+    assert main(["train-masked", *TINY, "--epochs", "2", *schedule, "--autocast", "bf16", "--out", str(run)]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    t = cfg["training"]
+    assert (t["lr_schedule"], t["lr_gamma"], t["warmup_epochs"], cfg["model"]["autocast"]) == (
+        "exponential",
+        0.5,
+        2.0,
+        "bf16",
+    )
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert float(rows[1]["lr"]) == pytest.approx(0.5 * float(rows[0]["lr"]))  # the exponential schedule ran
+    assert float(rows[0]["beta"]) < 1.0  # KL warm-up ran
+    assert load_masked_run(run, "cpu")[2].autocast == torch.bfloat16
+    capsys.readouterr()
+
+
 def test_cli_train_masked_resume_equals_uninterrupted(tmp_path, capsys):
     # 2 epochs in one go, and 1 epoch then --resume to 2: the same parameters, bitwise (the checkpoint holds the
     # RNG state, so the masks and binarisations drawn in epoch 2 are the same)

@@ -1,0 +1,115 @@
+"""``pyrovae train``: options to a run config, then :func:`pyrovae.training.train_run` (or torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .. import distributed
+from ..config import OPTIONS, RunConfig, flat_options, parse_hidden, with_options
+from ..errors import PyrovaeError
+from ..files import check_run_folder
+from ..infer import check_alpha
+from ..runs import read_config, resolve_device
+from ..training import train_run
+from .options import add_data_options, add_model_options, add_run_options, add_training_options, positive_int
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``pyrovae train``."""
+    t = sub.add_parser(
+        "train", help="train a VAE", description="Train a VAE; writes OUT/metrics.csv, config.json, checkpoint.pt."
+    )
+    add_data_options(t)
+    add_model_options(t)
+    add_training_options(t)
+    g = add_run_options(t, "runs/latest", nproc=True)
+    g.add_argument(
+        "--tensorboard",
+        metavar="DIR",
+        help="also write TensorBoard event files into DIR: per-epoch ELBOs, sample and reconstruction grids "
+        "(needs: pip install 'pyrovae[tensorboard]')",
+    )
+    g.add_argument(
+        "--eval-k", type=positive_int, help="after training, run 'pyrovae evaluate' with K importance samples"
+    )
+    t.set_defaults(func=cmd_train)
+
+
+def train_config(args: argparse.Namespace) -> RunConfig:
+    """The run's config: saved settings on --resume, then the options given, then the defaults."""
+    given = {k: parse_hidden(v) if k == "hidden" else v for k, v in vars(args).items() if k in OPTIONS}
+    given = {k: v for k, v in given.items() if v is not None}
+    base = read_config(args.out) if args.resume else RunConfig()
+    if args.resume:
+        saved = flat_options(base) if base.kind in ("vae", "masked") else {}
+        changed = {k for k, v in given.items() if k not in ("epochs", "device") and v != saved.get(k)}
+        if changed:
+            raise PyrovaeError(
+                f"--resume continues the saved run; these options differ from it: {', '.join(sorted(changed))}"
+            )
+    return with_options(base, given)
+
+
+def without_nproc(argv: Sequence[str]) -> list[str]:
+    """``argv`` less ``--nproc N`` (or ``--nproc=N``, or an abbreviation): torchrun's own parser refuses it."""
+    out, skip = [], False
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if skip or len(name) > 3 and "--nproc".startswith(name):
+            skip = not skip and "=" not in arg
+            continue
+        out.append(arg)
+    return out
+
+
+def checked_config(args: argparse.Namespace) -> RunConfig:
+    """:func:`train_config`, refused for a masked run or a bad α."""
+    cfg = train_config(args)
+    if args.resume and cfg.kind == "masked":
+        raise PyrovaeError(
+            f"{Path(args.out)} was trained by 'pyrovae train-masked'; continue it with 'pyrovae train-masked --resume'"
+        )
+    check_alpha(cfg.training.elbo, cfg.training.alpha)
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Run ``pyrovae train``; returns the exit code (130 when interrupted)."""
+    out = Path(args.out)
+    check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)
+    cfg = checked_config(args)  # refuse bad options before locking, loading or launching anything
+    if args.nproc is not None and not distributed.launched():
+        distributed.check_nproc(args.nproc, resolve_device(cfg.training.device))
+        if args.nproc > 1:  # start the processes; each runs this command (less --nproc) under torchrun
+            return distributed.launch(args.nproc, without_nproc(args.argv))
+    cfg, result = train_run(
+        args.out,
+        lambda: checked_config(args),
+        resume=args.resume,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+        tensorboard=args.tensorboard,
+    )
+    first = distributed.env_rank() == 0  # under torchrun only global rank 0 prints
+    if not first:
+        return 130 if result.interrupted else 0
+    if result.interrupted and result.checkpoint is None:
+        print(f"interrupted before the first step: nothing saved in {out}", file=sys.stderr)
+        return 130
+    if result.interrupted:
+        print(
+            f"interrupted: checkpoint saved in {out}; continue with: pyrovae train --out {out} --resume",
+            file=sys.stderr,
+        )
+        return 130
+    last = result.history[-1]
+    print(f"done: {result.epochs_done} epochs, val ELBO {last['val_elbo']:.2f} nats/image; run folder {out}")
+    if args.eval_k:
+        from ..evaluate import evaluate_run
+
+        s = evaluate_run(out, k=args.eval_k, device=cfg.training.device, quiet=args.quiet)
+        print(f"test log p(x) {s['log_likelihood']:.2f} nats/image (K={args.eval_k}); see {out / 'eval.md'}")
+    return 0
