@@ -17,8 +17,8 @@ import pyro
 import torch
 
 import pyrovae
-from pyrovae.likelihoods import GaussianLearned
-from pyrovae.nets import Arch
+from pyrovae.nn.likelihoods import GaussianLearned
+from pyrovae.nn.nets import Arch
 from pyrovae.sampling import compare_figure, decode, encode, fit_latent_gmm, fit_two_stage, median_bandwidth, mmd2
 
 

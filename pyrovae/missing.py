@@ -32,9 +32,9 @@ from .data import ImageData, Splits
 from .errors import PyrovaeError
 from .evaluate import importance_draws, log_likelihood
 from .handlers import off_rng
-from .likelihoods import Likelihood
 from .models import VAE, vae_parts
-from .nets import Arch
+from .nn.likelihoods import Likelihood
+from .nn.nets import Arch
 from .reports import fmt, markdown_table
 from .runs import arch_from_config
 

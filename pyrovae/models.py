@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from .errors import PyrovaeError
-from .likelihoods import Likelihood, make_likelihood
-from .nets import PRESETS, Arch, logit, make_networks
+from .nn.likelihoods import Likelihood, make_likelihood
+from .nn.nets import PRESETS, Arch, logit, make_networks
 
 _COLLECTED: ContextVar[bool] = ContextVar("pyrovae_parameters_collected", default=False)  # True in fit's hot loop
 

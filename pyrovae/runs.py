@@ -24,7 +24,7 @@ from .data import Pixels, Splits, load_dataset, make_splits, synthetic
 from .errors import PyrovaeError
 from .infer import check_alpha
 from .models import VAE, build_vae
-from .nets import ACTIVATIONS, PRESETS, Arch
+from .nn.nets import ACTIVATIONS, PRESETS, Arch
 from .paramstore import forget_module
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -29,9 +29,9 @@ from .config import RunConfig
 from .errors import PyrovaeError
 from .files import remove_files
 from .gmm import GMM
-from .likelihoods import LearnedNoise
 from .models import VAE
-from .nets import Arch, make_networks
+from .nn.likelihoods import LearnedNoise
+from .nn.nets import Arch, make_networks
 from .paramstore import fresh_param_store
 from .reports import fmt, markdown_table
 
@@ -164,7 +164,7 @@ def encode(vae: VAE, data, codes: str = "sample", batch_size: int = 2000) -> Pos
 # ------------------------------------------------------------------------------------ stage-2 VAE
 class LatentVAE(VAE):
     """The second stage, the built-in :class:`~pyrovae.models.VAE` on codes: u ~ N(0, I), z ~ N(decoder(u), γ₂ I)
-    with a learned γ₂ (:class:`~pyrovae.likelihoods.LearnedNoise`), guide u ~ N(encoder(z)), MLP networks.
+    with a learned γ₂ (:class:`~pyrovae.nn.likelihoods.LearnedNoise`), guide u ~ N(encoder(z)), MLP networks.
 
     Dai & Wipf use three 1024-unit layers; the default here is two of 512 (the codes are 2-64 dims).
     In the program's site names the codes are ``x`` and u is ``z``.

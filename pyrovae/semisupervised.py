@@ -32,9 +32,9 @@ from pyro.infer import TraceEnum_ELBO
 from torch import nn
 
 from .errors import PyrovaeError
-from .likelihoods import Likelihood, make_likelihood
 from .models import VAE, data_plate, register
-from .nets import _mlp, normal_head
+from .nn.likelihoods import Likelihood, make_likelihood
+from .nn.nets import _mlp, normal_head
 from .paramstore import fresh_param_store
 from .reports import markdown_table
 

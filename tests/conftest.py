@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pyrovae import Pixels, build_vae, make_splits, synthetic
-from pyrovae.nets import Arch
+from pyrovae.nn.nets import Arch
 
 SMALL = Arch("mlp", (64,), "tanh", 8, logit_bias=True)
 

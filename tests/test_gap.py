@@ -14,8 +14,8 @@ from torch import nn
 from pyrovae.cli import main
 from pyrovae.gap import fit_local, inference_gaps, nuts_posterior, posterior_check
 from pyrovae.inference_data import group_names
-from pyrovae.likelihoods import Likelihood
 from pyrovae.models import VAE
+from pyrovae.nn.likelihoods import Likelihood
 
 Z, D, SIGMA = 2, 6, 0.5
 
@@ -150,7 +150,7 @@ def test_local_fit_trains_only_the_local_guide_and_leaves_the_vae_bit_identical(
     loc and scale only; every VAE parameter is bit-identical and trainable afterwards, and Pyro did not see any
     of them (no 'not registered' warning from ``pyro.module``)."""
     from pyrovae.models import build_vae
-    from pyrovae.nets import Arch
+    from pyrovae.nn.nets import Arch
 
     torch.manual_seed(0)
     vae = build_vae((1, 4, 4), "gaussian-learned", Arch("mlp", (8,), "tanh", 2)).train()

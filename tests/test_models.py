@@ -9,8 +9,8 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 
 from pyrovae import LIKELIHOODS, Pixels, PyrovaeError, build_vae, fit, make_likelihood, make_splits, synthetic
-from pyrovae.likelihoods import BernoulliImage
-from pyrovae.nets import Arch
+from pyrovae.nn.likelihoods import BernoulliImage
+from pyrovae.nn.nets import Arch
 
 CONV = Arch("conv", (8, 16), "relu", 4)
 MLP = Arch("mlp", (32,), "tanh", 4, logit_bias=True)
@@ -118,8 +118,8 @@ class _LabelledLinear:
     def __init__(self) -> None:
         from torch import nn
 
-        from pyrovae.likelihoods import LearnedNoise
         from pyrovae.models import VAE
+        from pyrovae.nn.likelihoods import LearnedNoise
 
         g = torch.Generator().manual_seed(0)
         q, _ = torch.linalg.qr(torch.randn(self.D, self.Z, generator=g))

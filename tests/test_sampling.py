@@ -12,8 +12,8 @@ import torch
 
 from pyrovae import Pixels, build_vae, fit, make_splits, synthetic
 from pyrovae.cli import main
-from pyrovae.likelihoods import GaussianLearned
-from pyrovae.nets import Arch
+from pyrovae.nn.likelihoods import GaussianLearned
+from pyrovae.nn.nets import Arch
 from pyrovae.sampling import (
     PosteriorCodes,
     encode,

@@ -10,8 +10,8 @@ from collections.abc import Callable, Sequence
 from ..data import BINARIZE, DATASETS
 from ..evaluate import SPLITS
 from ..infer import ESTIMATORS
-from ..likelihoods import LIKELIHOODS
-from ..nets import ACTIVATIONS, PRESETS
+from ..nn.likelihoods import LIKELIHOODS
+from ..nn.nets import ACTIVATIONS, PRESETS
 from ..runs import MAX_SEED
 from ..train import LR_SCHEDULES
 

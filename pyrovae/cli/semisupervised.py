@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..likelihoods import LIKELIHOODS
+from ..nn.likelihoods import LIKELIHOODS
 from ..semisupervised import run_semisupervised
 from .options import add_data_options, add_device_option, hidden, positive_float, positive_int, seed, sizes
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import PyrovaeError
+from ..errors import PyrovaeError
 
 
 class Likelihood(nn.Module):
