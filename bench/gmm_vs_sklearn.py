@@ -27,7 +27,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
 from pyrovae import ImageData, Pixels, fit, load_dataset
-from pyrovae.gmm import GMM
+from pyrovae.models.gmm import GMM
 
 HERE = Path(__file__).resolve().parent
 HEADER = (

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pyrovae.models import VAE
+from pyrovae.models.vae import VAE
 
 
 def bernoulli_log_px(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from plain_vae import bernoulli_log_px, normal_kl  # noqa: E402
 
 from pyrovae import build_vae  # noqa: E402
 from pyrovae.infer import MeanField  # noqa: E402
-from pyrovae.models import parameters_collected  # noqa: E402
+from pyrovae.models.vae import parameters_collected  # noqa: E402
 
 N_DATA = 60000
 REPO = str(Path(__file__).resolve().parents[1])  # shown relative to the checkout

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import pyrovae
-from pyrovae.models import data_plate
+from pyrovae.models.vae import data_plate
 
 
 def gaussian_layer(d_in: int, d_hidden: int, d_out: int) -> nn.Module:

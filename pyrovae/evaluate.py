@@ -36,7 +36,7 @@ from .errors import PyrovaeError
 from .handlers import DATA_PLATE, off_rng, sample_frames
 from .infer.renyi import PARTICLE_PLATE
 from .inference_data import make_idata, psis_khat, scalar_attrs, write_idata
-from .models import parameters_collected
+from .models.vae import parameters_collected
 from .reports import fmt, markdown_table
 
 KHAT_GOOD, KHAT_BAD = 0.5, 0.7

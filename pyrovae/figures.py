@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from torchvision.utils import save_image as _torchvision_save_image
 
 from .files import atomic_write, save_figure
-from .models import VAE
+from .models.vae import VAE
 
 
 def save_image(imgs: torch.Tensor, path: str | Path, **kwargs) -> Path:

@@ -35,7 +35,7 @@ from .data import TensorData
 from .errors import PyrovaeError
 from .evaluate import log_likelihood, pareto_khat
 from .inference_data import from_draws, group, make_idata, scalar_attrs, summary, write_idata
-from .models import data_plate, parameters_collected
+from .models.vae import data_plate, parameters_collected
 from .paramstore import fresh_param_store
 from .reports import fmt, markdown_table
 from .train import FitResult, fit
@@ -56,7 +56,7 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
 
 def decoder_model(vae: nn.Module) -> Callable:
     """The VAE's own model with its parameters as fixed values: its modules are not registered
-    (:func:`~pyrovae.models.parameters_collected`) and any param site it has is hidden from ``fit``
+    (:func:`~pyrovae.models.vae.parameters_collected`) and any param site it has is hidden from ``fit``
     (``poutine.block``), so that ``fit`` trains none of them.
 
     Takes ``(x, *rest, num_data=None)``; ``rest`` (datapoint ids, or a proposal's loc and scale, for the

@@ -32,7 +32,7 @@ from .data import ImageData, Splits
 from .errors import PyrovaeError
 from .evaluate import importance_draws, log_likelihood
 from .handlers import off_rng
-from .models import VAE, vae_parts
+from .models.vae import VAE, vae_parts
 from .nn.likelihoods import Likelihood
 from .nn.nets import Arch
 from .reports import fmt, markdown_table
@@ -106,7 +106,7 @@ class MaskedImageData:
 
 # ---------------------------------------------------------------------------------------------- model
 class MaskedVAE(VAE):
-    """The built-in :class:`~pyrovae.models.VAE` run with its ``mask`` option: a program of ``(x, mask)`` whose
+    """The built-in :class:`~pyrovae.models.vae.VAE` run with its ``mask`` option: a program of ``(x, mask)`` whose
     likelihood counts observed pixels only (conditioning on x_obs), with an encoder of [x ⊙ m, m] (2C channels)."""
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: Likelihood, z_dim: int, name: str = "mvae"):

@@ -23,7 +23,7 @@ from .config import CONFIG_VERSION, MAX_SEED, ModelConfig, RunConfig  # noqa: F4
 from .data import Pixels, Splits, load_dataset, make_splits, synthetic
 from .errors import PyrovaeError
 from .infer import check_alpha
-from .models import VAE, build_vae
+from .models.vae import VAE, build_vae
 from .nn.nets import ACTIVATIONS, PRESETS, Arch
 from .paramstore import forget_module
 
@@ -101,7 +101,7 @@ def _masked_model(cfg: RunConfig, splits: Splits) -> torch.nn.Module:
 
 
 def _mixture(cfg: RunConfig, splits: Splits) -> torch.nn.Module:
-    from .gmm import GMM
+    from .models.gmm import GMM
 
     m = cfg.model
     return GMM(m.k, splits.train.shape, covariance=m.covariance, family=m.family).to(splits.train.device)

@@ -7,7 +7,7 @@ instead, then decode with the first-stage decoder (images are the likelihood's m
 - two-stage: a second, small VAE on the codes z ~ q(z | x) of the training images, u ~ N(0, I),
   z ~ p(z | u) = N(decoder₂(u), γ₂ I), x = decoder(z). The γ₂ noise is kept: Dai & Wipf decode the
   mean, which agrees once γ₂ → 0, but a stage 2 that has not got there would collapse onto its mean;
-- latent GMM: the diagonal :class:`pyrovae.gmm.GMM` fitted by ``fit`` to the same kind of codes.
+- latent GMM: the diagonal :class:`pyrovae.models.gmm.GMM` fitted by ``fit`` to the same kind of codes.
 
 Codes are posterior *samples* z ~ q(z | x) by default (fresh draws every stage-2 batch; one draw per
 image for the GMM), because q(z) is a mixture of the posteriors, not of their means; ``codes="mean"``
@@ -28,8 +28,8 @@ import torch
 from .config import RunConfig
 from .errors import PyrovaeError
 from .files import remove_files
-from .gmm import GMM
-from .models import VAE
+from .models.gmm import GMM
+from .models.vae import VAE
 from .nn.likelihoods import LearnedNoise
 from .nn.nets import Arch, make_networks
 from .paramstore import fresh_param_store
@@ -163,7 +163,7 @@ def encode(vae: VAE, data, codes: str = "sample", batch_size: int = 2000) -> Pos
 
 # ------------------------------------------------------------------------------------ stage-2 VAE
 class LatentVAE(VAE):
-    """The second stage, the built-in :class:`~pyrovae.models.VAE` on codes: u ~ N(0, I), z ~ N(decoder(u), γ₂ I)
+    """The second stage, the built-in :class:`~pyrovae.models.vae.VAE` on codes: u ~ N(0, I), z ~ N(decoder(u), γ₂ I)
     with a learned γ₂ (:class:`~pyrovae.nn.likelihoods.LearnedNoise`), guide u ~ N(encoder(z)), MLP networks.
 
     Dai & Wipf use three 1024-unit layers; the default here is two of 512 (the codes are 2-64 dims).

@@ -32,7 +32,7 @@ from pyro.infer import TraceEnum_ELBO
 from torch import nn
 
 from .errors import PyrovaeError
-from .models import VAE, data_plate, register
+from .models.vae import VAE, data_plate, register
 from .nn.likelihoods import Likelihood, make_likelihood
 from .nn.nets import _mlp, normal_head
 from .paramstore import fresh_param_store
@@ -58,7 +58,7 @@ class Classifier(nn.Module):
 
 
 class M2(VAE):
-    """The M2 model: the label-conditioned :class:`~pyrovae.models.VAE` (classifier q(y|x), encoder q(z|x,y),
+    """The M2 model: the label-conditioned :class:`~pyrovae.models.vae.VAE` (classifier q(y|x), encoder q(z|x,y),
     decoder p(x|y,z) with any :class:`Likelihood`), run on a labelled and an unlabelled batch at once.
 
     Defaults follow the paper's MNIST networks (one hidden layer of 500 softplus units, z of 50).

@@ -27,7 +27,7 @@ from pyrovae.config import (
     TrainingConfig,
 )
 from pyrovae.errors import PyrovaeError
-from pyrovae.models import VAE, vae_parts
+from pyrovae.models.vae import VAE, vae_parts
 from pyrovae.runs import load_module_state, load_run, read_config
 from pyrovae.train import fit, load_checkpoint
 

@@ -14,7 +14,7 @@ from torch import nn
 from pyrovae.cli import main
 from pyrovae.gap import fit_local, inference_gaps, nuts_posterior, posterior_check
 from pyrovae.inference_data import group_names
-from pyrovae.models import VAE
+from pyrovae.models.vae import VAE
 from pyrovae.nn.likelihoods import Likelihood
 
 Z, D, SIGMA = 2, 6, 0.5
@@ -149,7 +149,7 @@ def test_local_fit_trains_only_the_local_guide_and_leaves_the_vae_bit_identical(
     """A learned-γ VAE in training mode (its likelihood has a parameter too): ``fit_local`` trains the per-datapoint
     loc and scale only; every VAE parameter is bit-identical and trainable afterwards, and Pyro did not see any
     of them (no 'not registered' warning from ``pyro.module``)."""
-    from pyrovae.models import build_vae
+    from pyrovae.models.vae import build_vae
     from pyrovae.nn.nets import Arch
 
     torch.manual_seed(0)

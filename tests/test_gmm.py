@@ -16,7 +16,7 @@ from scipy.stats import multivariate_normal
 from sklearn.mixture import GaussianMixture
 
 from pyrovae import ImageData, Pixels, PyrovaeError, fit, synthetic
-from pyrovae.gmm import GMM, kmeans_pp
+from pyrovae.models.gmm import GMM, kmeans_pp
 
 MEANS = np.array([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]])
 WEIGHTS = np.array([0.5, 0.3, 0.2])

@@ -118,7 +118,7 @@ class _LabelledLinear:
     def __init__(self) -> None:
         from torch import nn
 
-        from pyrovae.models import VAE
+        from pyrovae.models.vae import VAE
         from pyrovae.nn.likelihoods import LearnedNoise
 
         g = torch.Generator().manual_seed(0)

@@ -197,7 +197,7 @@ def test_stage2_is_the_built_in_vae_on_codes():
     import pyro.distributions as dist
     import pyro.poutine as poutine
 
-    from pyrovae.models import VAE
+    from pyrovae.models.vae import VAE
     from pyrovae.sampling import LatentVAE
 
     torch.manual_seed(0)

@@ -154,7 +154,7 @@ def test_registration_is_skipped_only_inside_fits_hot_loop(tiny_vae, tiny_splits
     from pyro.infer import SVI
     from pyro.optim import Adam
 
-    from pyrovae.models import parameters_collected
+    from pyrovae.models.vae import parameters_collected
 
     x = tiny_splits.train.batch(torch.arange(20))
 

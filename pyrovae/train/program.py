@@ -19,7 +19,7 @@ from ..data import Dataset
 from ..errors import PyrovaeError
 from ..handlers import DataScale, PlateRecorder, bind_num_data, find_data_plate, off_rng, scale_for
 from ..infer import LatentScale
-from ..models import parameters_collected
+from ..models.vae import parameters_collected
 
 
 def as_args(batch: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

@@ -29,8 +29,8 @@ import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO
 from torch import nn
 
-from .errors import PyrovaeError
-from .models import data_plate, register
+from ..errors import PyrovaeError
+from .vae import data_plate, register
 
 COVARIANCES = ("diag", "full")
 FAMILIES = ("gaussian", "bernoulli")

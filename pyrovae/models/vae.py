@@ -19,9 +19,9 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from .errors import PyrovaeError
-from .nn.likelihoods import Likelihood, make_likelihood
-from .nn.nets import PRESETS, Arch, logit, make_networks
+from ..errors import PyrovaeError
+from ..nn.likelihoods import Likelihood, make_likelihood
+from ..nn.nets import PRESETS, Arch, logit, make_networks
 
 _COLLECTED: ContextVar[bool] = ContextVar("pyrovae_parameters_collected", default=False)  # True in fit's hot loop
 
