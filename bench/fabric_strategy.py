@@ -45,8 +45,8 @@ from pyrovae import Pixels, fit, load_dataset, make_splits, synthetic  # noqa: E
 from pyrovae import distributed as ddp  # noqa: E402
 from pyrovae.hostmem import keep_freed_memory  # noqa: E402
 from pyrovae.infer import make_elbo  # noqa: E402
+from pyrovae.infer.paramstore import fresh_param_store  # noqa: E402
 from pyrovae.models.vae import VAE, vae_parts  # noqa: E402
-from pyrovae.paramstore import fresh_param_store  # noqa: E402
 from pyrovae.train import Callback, load_checkpoint  # noqa: E402
 from pyrovae.train.program import Program, as_args  # noqa: E402
 

@@ -32,7 +32,7 @@ from .config import DataConfig, MixtureConfig, RunConfig, TrainingConfig, with_o
 from .errors import PyrovaeError
 from .evaluate import ACTIVE_THRESHOLD, bits_per_dim, evaluate_points
 from .files import remove_files, write_json, write_text
-from .handlers import off_rng
+from .infer.handlers import off_rng
 from .models.gmm import GMM
 from .reports import fmt, markdown_table
 from .runs import load_module_state, read_config, record_config, resolve_device, train_vae

@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 from .errors import PyrovaeError
-from .handlers import DATA_PLATE, off_rng, sample_frames
+from .infer.handlers import DATA_PLATE, off_rng, sample_frames
 from .infer.renyi import PARTICLE_PLATE
 from .inference_data import make_idata, psis_khat, scalar_attrs, write_idata
 from .models.vae import parameters_collected

@@ -31,7 +31,7 @@ from .config import RunConfig
 from .data import ImageData, Splits
 from .errors import PyrovaeError
 from .evaluate import importance_draws, log_likelihood
-from .handlers import off_rng
+from .infer.handlers import off_rng
 from .models.vae import VAE, vae_parts
 from .nn.likelihoods import Likelihood
 from .nn.nets import Arch

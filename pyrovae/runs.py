@@ -23,9 +23,9 @@ from .config import CONFIG_VERSION, MAX_SEED, ModelConfig, RunConfig  # noqa: F4
 from .data import Pixels, Splits, load_dataset, make_splits, synthetic
 from .errors import PyrovaeError
 from .infer import check_alpha
+from .infer.paramstore import forget_module
 from .models.vae import VAE, build_vae
 from .nn.nets import ACTIVATIONS, PRESETS, Arch
-from .paramstore import forget_module
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -28,11 +28,11 @@ import torch
 from .config import RunConfig
 from .errors import PyrovaeError
 from .files import remove_files
+from .infer.paramstore import fresh_param_store
 from .models.gmm import GMM
 from .models.vae import VAE
 from .nn.likelihoods import LearnedNoise
 from .nn.nets import Arch, make_networks
-from .paramstore import fresh_param_store
 from .reports import fmt, markdown_table
 
 CODES = ("sample", "mean")

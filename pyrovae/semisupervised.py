@@ -32,10 +32,10 @@ from pyro.infer import TraceEnum_ELBO
 from torch import nn
 
 from .errors import PyrovaeError
+from .infer.paramstore import fresh_param_store
 from .models.vae import VAE, data_plate, register
 from .nn.likelihoods import Likelihood, make_likelihood
 from .nn.nets import _mlp, normal_head
-from .paramstore import fresh_param_store
 from .reports import markdown_table
 
 

@@ -2,7 +2,7 @@
 
 The tutorial-style VAE below takes ``x`` only (no ``num_data``), opens a plain ``pyro.plate("data", N)``,
 registers its networks with ``pyro.module`` and decodes to Bernoulli probabilities. pyrovae supplies the
-minibatch scale (:class:`pyrovae.handlers.DataScale`), which must equal what Pyro's own subsampled plate does.
+minibatch scale (:class:`pyrovae.infer.handlers.DataScale`), which must equal what Pyro's own subsampled plate does.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from torch import nn
 
 from pyrovae import PyrovaeError, TensorData, evaluate_points, fit, log_likelihood
 from pyrovae.evaluate import importance_draws
-from pyrovae.handlers import DataScale
 from pyrovae.infer import RenyiBound
+from pyrovae.infer.handlers import DataScale
 
 D, Z, H = 12, 2, 16
 

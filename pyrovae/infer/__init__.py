@@ -6,6 +6,9 @@ IWAE bound, K particles), ``renyi`` (per-datapoint Rényi bound, α given), ``tr
 Blackwellised score-function terms for non-reparameterised sites). Particles are vectorised.
 Pyro's JIT variants are left out on purpose: in Pyro 1.9 JitTraceMeanField_ELBO re-traces every
 step (about 4x slower here) and TorchScript is deprecated in torch >= 2.11.
+
+Beside the estimators: ``handlers.py`` the minibatch scale (``DataScale``) and plate helpers, ``paramstore.py``
+param-store scopes.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from pyro.infer.util import is_validation_enabled
 from pyro.util import check_if_enumerated
 
 from ..errors import PyrovaeError
-from ..handlers import PARTICLE_PLATE
+from .handlers import PARTICLE_PLATE
 
 
 def _sum_dims(t: torch.Tensor, dims: list[int]) -> torch.Tensor:

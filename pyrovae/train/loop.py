@@ -24,7 +24,7 @@ from pyro.infer import ELBO, TraceEnum_ELBO
 from ..data import Dataset, TensorData
 from ..errors import PyrovaeError
 from ..infer import MeanField, make_elbo, warmup_beta
-from ..paramstore import fresh_param_store
+from ..infer.paramstore import fresh_param_store
 from .callbacks import Callback, CallbackList, EpochFunction, StopFlag, default_callbacks, merge_callbacks
 from .program import Program, as_args
 from .state import TrainState, load_training_checkpoint
@@ -237,7 +237,7 @@ def fit(
     default of their class (see :func:`pyrovae.train.default_callbacks`) or join after them.
     In a process group of several ranks (torchrun), ``batch_size`` is per rank and only rank 0 writes files.
     The minibatch scale N/B goes on the sites of the data plate: ``data_plate``, else the plate named
-    ``data``, else the plate of the batch's size (:class:`pyrovae.handlers.DataScale`); ``num_data=N`` is
+    ``data``, else the plate of the batch's size (:class:`pyrovae.infer.handlers.DataScale`); ``num_data=N`` is
     passed to a program only if it names that parameter.
     The checkpoint keeps ``modules`` (role: ``nn.Module``) whole, by ``state_dict`` (buffers too); by default the
     module whose methods ``model`` and ``guide`` are (role ``model``; ``guide`` too if another's). Parameters of

@@ -1,7 +1,7 @@
 """The program ``fit`` trains: a model/guide pair bound to the data's size, its ELBO as a loss, its parameters.
 
 Calling convention: ``model(*batch)`` and ``guide(*batch)``, where ``batch`` is what the dataset returns
-for a minibatch; the sites in the data plate are scaled by N/B by :class:`pyrovae.handlers.DataScale`.
+for a minibatch; the sites in the data plate are scaled by N/B by :class:`pyrovae.infer.handlers.DataScale`.
 A program that names a ``num_data`` parameter also gets ``num_data=N`` (and may subsample its plate itself).
 """
 
@@ -17,8 +17,8 @@ from pyro.infer import ELBO
 
 from ..data import Dataset
 from ..errors import PyrovaeError
-from ..handlers import DataScale, PlateRecorder, bind_num_data, find_data_plate, off_rng, scale_for
 from ..infer import LatentScale
+from ..infer.handlers import DataScale, PlateRecorder, bind_num_data, find_data_plate, off_rng, scale_for
 from ..models.vae import parameters_collected
 
 

@@ -9,8 +9,8 @@ import torch
 from pyro.infer import ELBO
 
 from ..data import Dataset
-from ..handlers import DataScale, bind_num_data, minibatch_scale
 from ..infer import MeanField
+from ..infer.handlers import DataScale, bind_num_data, minibatch_scale
 from .program import as_args, device_of
 from .strategy import Strategy, current_strategy
 

@@ -19,7 +19,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 
-from .errors import PyrovaeError
+from ..errors import PyrovaeError
 
 PARTICLE_PLATE = "num_particles_vectorized"  # Pyro's plate of vectorised particles: never the data plate
 
