@@ -34,7 +34,7 @@ from .evaluate import ACTIVE_THRESHOLD, bits_per_dim, evaluate_points
 from .files import remove_files, write_json, write_text
 from .infer.handlers import off_rng
 from .models.gmm import GMM
-from .reports import fmt, markdown_table
+from .reports.markdown import fmt, markdown_table
 from .runs import load_module_state, read_config, record_config, resolve_device, train_vae
 from .train import fit, load_checkpoint
 from .train.state import load_modules
@@ -378,7 +378,7 @@ def run_compare(options: CompareOptions) -> dict[str, Any]:
     )
 
     if not options.no_figures:
-        from .figures import compare_figures
+        from .reports.figures import compare_figures
 
         summary["figures"] = compare_figures(vae, gmm, x_test, z_test, latent_clusters, out)
     return summary

@@ -35,9 +35,9 @@ from tqdm.auto import tqdm
 from .errors import PyrovaeError
 from .infer.handlers import DATA_PLATE, off_rng, sample_frames
 from .infer.renyi import PARTICLE_PLATE
-from .inference_data import make_idata, psis_khat, scalar_attrs, write_idata
 from .models.vae import parameters_collected
-from .reports import fmt, markdown_table
+from .reports.inference_data import make_idata, psis_khat, scalar_attrs, write_idata
+from .reports.markdown import fmt, markdown_table
 
 KHAT_GOOD, KHAT_BAD = 0.5, 0.7
 EQUAL_WEIGHTS = 1e-4  # log-weights spread less than this: the weights are equal, k̂ is 0
@@ -773,7 +773,7 @@ def evaluate_run(
     }
     write_netcdf(run_dir / "eval.nc", res, labels, summary)
     if figures:
-        from .figures import make_figures
+        from .reports.figures import make_figures
 
         summary["figures"] = [p.name for p in make_figures(run_dir, vae, x, labels, res.z_mean, res.khat)]
     summary["seconds"] = time.perf_counter() - t0

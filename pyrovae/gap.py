@@ -35,9 +35,9 @@ from .data import TensorData
 from .errors import PyrovaeError
 from .evaluate import log_likelihood, pareto_khat
 from .infer.paramstore import fresh_param_store
-from .inference_data import from_draws, group, make_idata, scalar_attrs, summary, write_idata
 from .models.vae import data_plate, parameters_collected
-from .reports import fmt, markdown_table
+from .reports.inference_data import from_draws, group, make_idata, scalar_attrs, summary, write_idata
+from .reports.markdown import fmt, markdown_table
 from .train import FitResult, fit
 
 

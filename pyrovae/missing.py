@@ -35,7 +35,7 @@ from .infer.handlers import off_rng
 from .models.vae import VAE, vae_parts
 from .nn.likelihoods import Likelihood
 from .nn.nets import Arch
-from .reports import fmt, markdown_table
+from .reports.markdown import fmt, markdown_table
 from .runs import arch_from_config
 
 MASK_KINDS = ("random", "top-half", "mix")
@@ -282,7 +282,7 @@ def baseline_log_likelihood(
 
 def completion_grid(x: torch.Tensor, mask: torch.Tensor, completions: torch.Tensor, path: Path) -> Path:
     """One row per image: the input with its hole (missing pixels coloured), the completions, the truth."""
-    from .figures import save_image
+    from .reports.figures import save_image
 
     def rgb(t: torch.Tensor) -> torch.Tensor:
         return t.clamp(0, 1).expand(*t.shape[:-3], 3, *t.shape[-2:]) if t.shape[-3] == 1 else t.clamp(0, 1)

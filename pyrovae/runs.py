@@ -185,7 +185,7 @@ def train_vae(
     vae = builder.model(cfg, splits)
     logger = None
     if tensorboard is not None:
-        from .tensorboard import TensorBoardLogger
+        from .reports.tensorboard import TensorBoardLogger
 
         images = splits.val.batch(torch.arange(min(16, len(splits.val)), device=splits.val.device))
         logger = TensorBoardLogger(tensorboard, vae=vae, images=images)

@@ -33,7 +33,7 @@ from .models.gmm import GMM
 from .models.vae import VAE
 from .nn.likelihoods import LearnedNoise
 from .nn.nets import Arch, make_networks
-from .reports import fmt, markdown_table
+from .reports.markdown import fmt, markdown_table
 
 CODES = ("sample", "mean")
 

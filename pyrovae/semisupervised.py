@@ -36,7 +36,7 @@ from .infer.paramstore import fresh_param_store
 from .models.vae import VAE, data_plate, register
 from .nn.likelihoods import Likelihood, make_likelihood
 from .nn.nets import _mlp, normal_head
-from .reports import markdown_table
+from .reports.markdown import markdown_table
 
 
 def _cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -394,7 +394,7 @@ def run_semisupervised(
     out.mkdir(parents=True, exist_ok=True)
     pyro.set_rng_seed(seed + 1)
     grid = m2.sample_per_class(10, x_test).clamp(0, 1).cpu()
-    from .figures import save_image
+    from .reports.figures import save_image
 
     save_image(grid, out / "samples_per_class.png", nrow=10, padding=1, pad_value=1.0)
     summary: dict[str, Any] = {

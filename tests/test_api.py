@@ -36,7 +36,7 @@ def test_figures_leave_matplotlibs_backend_alone(tmp_path):
     """Drawing pyrovae's figures sets no process-wide matplotlib state: a user's backend choice survives."""
     code = f"""
 import matplotlib, numpy as np
-from pyrovae.figures import khat_plot
+from pyrovae.reports.figures import khat_plot
 from pyrovae.sampling import compare_figure
 import torch
 khat_plot(np.linspace(0, 1, 50), {str(tmp_path / "k.png")!r})

@@ -13,9 +13,9 @@ from torch import nn
 
 from pyrovae.cli import main
 from pyrovae.gap import fit_local, inference_gaps, nuts_posterior, posterior_check
-from pyrovae.inference_data import group_names
 from pyrovae.models.vae import VAE
 from pyrovae.nn.likelihoods import Likelihood
+from pyrovae.reports.inference_data import group_names
 
 Z, D, SIGMA = 2, 6, 0.5
 

@@ -9,7 +9,7 @@ import torch
 
 from pyrovae import fit
 from pyrovae.errors import PyrovaeError
-from pyrovae.tensorboard import TensorBoardLogger, image_grid
+from pyrovae.reports.tensorboard import TensorBoardLogger, image_grid
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 

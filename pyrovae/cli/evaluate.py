@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..evaluate import evaluate_run
-from ..reports import fmt
+from ..reports.markdown import fmt
 from .options import add_device_option, add_evaluation_options, run_dir_argument
 
 

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import distributed as ddp
-from .errors import PyrovaeError
-from .train.callbacks import Callback
+from .. import distributed as ddp
+from ..errors import PyrovaeError
+from ..train.callbacks import Callback
 
 if TYPE_CHECKING:
-    from .train.loop import Loop
+    from ..train.loop import Loop
 
 SCALARS = ("train_elbo", "val_elbo", "beta", "lr", "seconds")
 

@@ -16,8 +16,8 @@ import torch
 from matplotlib.figure import Figure
 from torchvision.utils import save_image as _torchvision_save_image
 
-from .files import atomic_write, save_figure
-from .models.vae import VAE
+from ..files import atomic_write, save_figure
+from ..models.vae import VAE
 
 
 def save_image(imgs: torch.Tensor, path: str | Path, **kwargs) -> Path:

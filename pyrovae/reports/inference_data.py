@@ -99,7 +99,7 @@ def scalar_attrs(values: dict[str, Any]) -> dict[str, Any]:
 def write_idata(path: str | Path, idata: Any) -> None:
     """``idata`` (InferenceData or DataTree) as netCDF, atomically under a fresh temporary name (a planted
     symlink cannot redirect the write)."""
-    from .files import atomic_path
+    from ..files import atomic_path
 
     with atomic_path(path) as tmp:
         idata.to_netcdf(str(tmp))
