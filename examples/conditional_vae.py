@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import pyrovae
-from pyrovae.comparison import fit_mixture, n_params
+from pyrovae.tasks.compare import fit_mixture, n_params
 
 
 def joined(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from pyro.infer import TraceEnum_ELBO, config_enumerate
 from torch import nn
 
 import pyrovae
-from pyrovae.comparison import fit_mixture, n_params
+from pyrovae.tasks.compare import fit_mixture, n_params
 
 
 class EnumeratedVAE(nn.Module):

@@ -14,7 +14,7 @@ import pyro
 import torch
 
 import pyrovae
-from pyrovae.gap import inference_gaps, nuts_posterior, posterior_check
+from pyrovae.tasks.gap import inference_gaps, nuts_posterior, posterior_check
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

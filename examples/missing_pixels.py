@@ -14,7 +14,7 @@ import pyro
 import torch
 
 import pyrovae
-from pyrovae.missing import (
+from pyrovae.tasks.complete import (
     MaskedImageData,
     baseline_log_likelihood,
     build_masked_vae,

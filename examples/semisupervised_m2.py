@@ -15,7 +15,7 @@ import pyro
 import torch
 
 import pyrovae
-from pyrovae.semisupervised import (
+from pyrovae.tasks.semisupervised import (
     M2,
     Classifier,
     SemiSupervisedData,

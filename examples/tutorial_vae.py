@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import pyrovae
-from pyrovae.comparison import fit_mixture, n_params
+from pyrovae.tasks.compare import fit_mixture, n_params
 
 
 class Encoder(nn.Module):

@@ -19,7 +19,7 @@ import torch
 import pyrovae
 from pyrovae.nn.likelihoods import GaussianLearned
 from pyrovae.nn.nets import Arch
-from pyrovae.sampling import compare_figure, decode, encode, fit_latent_gmm, fit_two_stage, median_bandwidth, mmd2
+from pyrovae.tasks.samples import compare_figure, decode, encode, fit_latent_gmm, fit_two_stage, median_bandwidth, mmd2
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:

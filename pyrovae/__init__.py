@@ -6,8 +6,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {  # name -> module: imported on first use, so that `import pyrovae` (and the CLI's start) is quick
-    "Fitted": "comparison",
-    "compare": "comparison",
+    "Fitted": "tasks.compare",
+    "compare": "tasks.compare",
     "ImageData": "data",
     "Pixels": "data",
     "TensorData": "data",
@@ -15,11 +15,11 @@ _EXPORTS = {  # name -> module: imported on first use, so that `import pyrovae` 
     "make_splits": "data",
     "synthetic": "data",
     "PyrovaeError": "errors",
-    "PointEvaluation": "evaluate",
-    "evaluate_points": "evaluate",
-    "evaluate_run": "evaluate",
-    "log_likelihood": "evaluate",
-    "pareto_khat": "evaluate",
+    "PointEvaluation": "tasks.evaluate",
+    "evaluate_points": "tasks.evaluate",
+    "evaluate_run": "tasks.evaluate",
+    "log_likelihood": "tasks.evaluate",
+    "pareto_khat": "tasks.evaluate",
     "GMM": "models.gmm",
     "kmeans_pp": "models.gmm",
     "ESTIMATORS": "infer",

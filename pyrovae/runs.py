@@ -95,7 +95,7 @@ def build_model(cfg: RunConfig, splits: Splits) -> VAE:
 
 
 def _masked_model(cfg: RunConfig, splits: Splits) -> torch.nn.Module:
-    from .missing import build_masked_model
+    from .tasks.complete import build_masked_model
 
     return build_masked_model(cfg, splits)
 
@@ -108,7 +108,7 @@ def _mixture(cfg: RunConfig, splits: Splits) -> torch.nn.Module:
 
 
 def _m2(cfg: RunConfig, splits: Splits) -> torch.nn.Module:
-    from .semisupervised import M2
+    from .tasks.semisupervised import M2
 
     m = cfg.model
     m2 = M2(splits.train.shape, m.likelihood, m.hidden, m.z_dim, m.classes).to(splits.train.device)

@@ -41,7 +41,7 @@ def train_run(
         # the old run (with overwrite) is replaced only once the new one has written its first checkpoint
         replaced = (lambda: remove_derived(folder)) if overwrite and first else None
         if masked:
-            from .missing import train_masked
+            from .tasks.complete import train_masked
 
             _, _, result = train_masked(cfg, folder, resume=resume, quiet=quiet, on_first_checkpoint=replaced)
             return cfg, result

@@ -37,7 +37,7 @@ def test_figures_leave_matplotlibs_backend_alone(tmp_path):
     code = f"""
 import matplotlib, numpy as np
 from pyrovae.reports.figures import khat_plot
-from pyrovae.sampling import compare_figure
+from pyrovae.tasks.samples import compare_figure
 import torch
 khat_plot(np.linspace(0, 1, 50), {str(tmp_path / "k.png")!r})
 compare_figure({{"a": torch.rand(4, 1, 6, 6)}}, {str(tmp_path / "c.png")!r}, per_block=4)

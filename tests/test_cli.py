@@ -167,7 +167,7 @@ def test_library_modules_do_not_import_the_cli():
         m.name for m in pkgutil.walk_packages(pyrovae.__path__, "pyrovae.") if not m.name.startswith("pyrovae.cli")
     ]
     names = [n for n in names if n != "pyrovae.__main__"]
-    assert "pyrovae.evaluate" in names and "pyrovae.comparison" in names
+    assert "pyrovae.tasks.evaluate" in names and "pyrovae.tasks.compare" in names
     code = (
         "import importlib, sys\n"
         f"for name in {names!r}:\n"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pyrovae.cli import main
-from pyrovae.comparison import clustering_scores
+from pyrovae.tasks.compare import clustering_scores
 
 QUICK = ["--dataset", "synthetic", "--epochs", "2", "--gmm-epochs", "3", "--k", "40", "--n", "150", "--quiet"]
 
@@ -90,8 +90,8 @@ def test_run_compare_takes_typed_options_and_refuses_a_bad_representation(tmp_pa
     # the library entry point takes a CompareOptions (no argparse); bad settings are one PyrovaeError
     import dataclasses
 
-    from pyrovae.comparison import CompareOptions, run_compare
     from pyrovae.errors import PyrovaeError
+    from pyrovae.tasks.compare import CompareOptions, run_compare
 
     options = CompareOptions(out=str(tmp_path / "c"), representation="jpeg")
     assert dataclasses.is_dataclass(options) and options.dataset == "fashion-mnist" and options.k == 1000

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from pyrovae.cli import main
-from pyrovae.comparison import fit_mixture, load_mixture
 from pyrovae.config import (
     CONFIG_VERSION,
     KINDS,
@@ -29,6 +28,7 @@ from pyrovae.config import (
 from pyrovae.errors import PyrovaeError
 from pyrovae.models.vae import VAE, vae_parts
 from pyrovae.runs import load_module_state, load_run, read_config
+from pyrovae.tasks.compare import fit_mixture, load_mixture
 from pyrovae.train import fit, load_checkpoint
 
 from .conftest import SMALL

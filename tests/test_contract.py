@@ -19,9 +19,9 @@ from pyro.infer import SVI, Trace_ELBO
 from torch import nn
 
 from pyrovae import PyrovaeError, TensorData, evaluate_points, fit, log_likelihood
-from pyrovae.evaluate import importance_draws
 from pyrovae.infer import RenyiBound
 from pyrovae.infer.handlers import DataScale
+from pyrovae.tasks.evaluate import importance_draws
 
 D, Z, H = 12, 2, 16
 

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from pyrovae.cli import main
-from pyrovae.gap import fit_local, inference_gaps, nuts_posterior, posterior_check
 from pyrovae.models.vae import VAE
 from pyrovae.nn.likelihoods import Likelihood
 from pyrovae.reports.inference_data import group_names
+from pyrovae.tasks.gap import fit_local, inference_gaps, nuts_posterior, posterior_check
 
 Z, D, SIGMA = 2, 6, 0.5
 

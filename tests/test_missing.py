@@ -14,7 +14,7 @@ from pyro.infer import Trace_ELBO
 
 from pyrovae import fit
 from pyrovae.cli import main
-from pyrovae.missing import (
+from pyrovae.tasks.complete import (
     MaskedImageData,
     baseline_log_likelihood,
     build_masked_vae,
@@ -147,7 +147,7 @@ def test_cli_train_masked_takes_the_schedule_warmup_and_autocast_options_of_trai
     # the four training options train-masked lacked: recorded in its config and acted on in training
     import csv
 
-    from pyrovae.missing import load_masked_run
+    from pyrovae.tasks.complete import load_masked_run
 
     run = tmp_path / "masked"
     schedule = ["--lr", "0.01", "--lr-schedule", "exponential", "--lr-gamma", "0.5", "--warmup-epochs", "2"]

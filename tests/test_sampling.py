@@ -14,7 +14,7 @@ from pyrovae import Pixels, build_vae, fit, make_splits, synthetic
 from pyrovae.cli import main
 from pyrovae.nn.likelihoods import GaussianLearned
 from pyrovae.nn.nets import Arch
-from pyrovae.sampling import (
+from pyrovae.tasks.samples import (
     PosteriorCodes,
     encode,
     fit_latent_gmm,
@@ -198,7 +198,7 @@ def test_stage2_is_the_built_in_vae_on_codes():
     import pyro.poutine as poutine
 
     from pyrovae.models.vae import VAE
-    from pyrovae.sampling import LatentVAE
+    from pyrovae.tasks.samples import LatentVAE
 
     torch.manual_seed(0)
     stage2 = LatentVAE(4, hidden=(16,))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from pyrovae import Pixels, PyrovaeError, make_splits, synthetic
 from pyrovae.cli import main
-from pyrovae.semisupervised import (
+from pyrovae.tasks.semisupervised import (
     M2,
     Classifier,
     SemiSupervisedData,

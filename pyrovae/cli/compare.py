@@ -1,11 +1,11 @@
-"""``pyrovae compare``: options to a :class:`pyrovae.comparison.CompareOptions`, then ``run_compare``."""
+"""``pyrovae compare``: options to a :class:`pyrovae.tasks.compare.CompareOptions`, then ``run_compare``."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from ..comparison import REPRESENTATIONS, CompareOptions, run_compare
+from ..tasks.compare import REPRESENTATIONS, CompareOptions, run_compare
 from .options import add_data_options, add_device_option, add_evaluation_options, positive_int, seed
 
 

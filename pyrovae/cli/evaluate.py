@@ -1,12 +1,12 @@
-"""``pyrovae evaluate``: :func:`pyrovae.evaluate.evaluate_run` on a run folder, and a summary line."""
+"""``pyrovae evaluate``: :func:`pyrovae.tasks.evaluate.evaluate_run` on a run folder, and a summary line."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from ..evaluate import evaluate_run
 from ..reports.markdown import fmt
+from ..tasks.evaluate import evaluate_run
 from .options import add_device_option, add_evaluation_options, run_dir_argument
 
 

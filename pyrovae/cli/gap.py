@@ -1,4 +1,4 @@
-"""``pyrovae gap``: :func:`pyrovae.gap.gap_run` on a run folder, and a summary line."""
+"""``pyrovae gap``: :func:`pyrovae.tasks.gap.gap_run` on a run folder, and a summary line."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..gap import gap_run
+from ..tasks.gap import gap_run
 from .options import (
     add_device_option,
     add_evaluation_options,

@@ -1,5 +1,5 @@
 """``pyrovae train-masked`` and ``pyrovae complete``: a masked VAE trained with every training option of
-``pyrovae train``, and completions of its missing pixels (:mod:`pyrovae.missing`)."""
+``pyrovae train``, and completions of its missing pixels (:mod:`pyrovae.tasks.complete`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from ..config import MaskConfig, RunConfig
 from ..errors import PyrovaeError
 from ..infer import check_alpha
-from ..missing import MASK_KINDS, complete_run
+from ..tasks.complete import MASK_KINDS, complete_run
 from ..training import train_run
 from .options import (
     add_data_options,

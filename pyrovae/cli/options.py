@@ -8,11 +8,11 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ..data import BINARIZE, DATASETS
-from ..evaluate import SPLITS
 from ..infer import ESTIMATORS
 from ..nn.likelihoods import LIKELIHOODS
 from ..nn.nets import ACTIVATIONS, PRESETS
 from ..runs import MAX_SEED
+from ..tasks.evaluate import SPLITS
 from ..train import LR_SCHEDULES
 
 Group = argparse._ArgumentGroup | argparse.ArgumentParser

@@ -1,11 +1,11 @@
-"""``pyrovae samples``: :func:`pyrovae.sampling.run_samples` on a run folder, and a summary line."""
+"""``pyrovae samples``: :func:`pyrovae.tasks.samples.run_samples` on a run folder, and a summary line."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from ..sampling import CODES, run_samples
+from ..tasks.samples import CODES, run_samples
 from .options import add_device_option, hidden, positive_int, run_dir_argument, seed, sizes
 
 

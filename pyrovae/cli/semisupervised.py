@@ -1,4 +1,4 @@
-"""``pyrovae semisupervised``: :func:`pyrovae.semisupervised.run_semisupervised`, and a summary line."""
+"""``pyrovae semisupervised``: :func:`pyrovae.tasks.semisupervised.run_semisupervised`, and a summary line."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..nn.likelihoods import LIKELIHOODS
-from ..semisupervised import run_semisupervised
+from ..tasks.semisupervised import run_semisupervised
 from .options import add_data_options, add_device_option, hidden, positive_float, positive_int, seed, sizes
 
 

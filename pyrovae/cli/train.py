@@ -108,7 +108,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     last = result.history[-1]
     print(f"done: {result.epochs_done} epochs, val ELBO {last['val_elbo']:.2f} nats/image; run folder {out}")
     if args.eval_k:
-        from ..evaluate import evaluate_run
+        from ..tasks.evaluate import evaluate_run
 
         s = evaluate_run(out, k=args.eval_k, device=cfg.training.device, quiet=args.quiet)
         print(f"test log p(x) {s['log_likelihood']:.2f} nats/image (K={args.eval_k}); see {out / 'eval.md'}")

@@ -25,15 +25,15 @@ from typing import Any
 import pyro
 import torch
 
-from .config import RunConfig
-from .errors import PyrovaeError
-from .files import remove_files
-from .infer.paramstore import fresh_param_store
-from .models.gmm import GMM
-from .models.vae import VAE
-from .nn.likelihoods import LearnedNoise
-from .nn.nets import Arch, make_networks
-from .reports.markdown import fmt, markdown_table
+from ..config import RunConfig
+from ..errors import PyrovaeError
+from ..files import remove_files
+from ..infer.paramstore import fresh_param_store
+from ..models.gmm import GMM
+from ..models.vae import VAE
+from ..nn.likelihoods import LearnedNoise
+from ..nn.nets import Arch, make_networks
+from ..reports.markdown import fmt, markdown_table
 
 CODES = ("sample", "mean")
 
@@ -243,7 +243,7 @@ def fit_two_stage(
     quiet: bool = True,
 ) -> tuple[TwoStageSampler, list[dict[str, float]]]:
     """Fit the stage-2 VAE on the codes by ``fit`` (analytic-KL ELBO, Adam, cosine learning rate)."""
-    from .train import fit
+    from ..train import fit
 
     pyro.set_rng_seed(seed)
     stage2 = LatentVAE(train_codes.loc.shape[1], hidden=hidden).to(train_codes.device)
@@ -265,7 +265,7 @@ def fit_two_stage(
 
 def fit_latent_gmm(vae: VAE, train_codes: PosteriorCodes, k: int = 20, seed: int = 0) -> LatentGMMSampler:
     """A diagonal GMM (k-means++ start, then ``fit``) on one draw of the codes (or the means) per image."""
-    from .comparison import fit_mixture_latent
+    from .compare import fit_mixture_latent
 
     torch.manual_seed(seed)
     z = train_codes.all()
@@ -322,7 +322,7 @@ def compare_figure(blocks: dict[str, torch.Tensor], path: Path, per_block: int =
     from matplotlib.figure import Figure
     from torchvision.utils import make_grid
 
-    from .files import save_figure
+    from ..files import save_figure
 
     nrow = int(round(per_block**0.5))
     fig = Figure(figsize=(4 * len(blocks), 4.4))
@@ -339,7 +339,7 @@ def compare_figure(blocks: dict[str, torch.Tensor], path: Path, per_block: int =
 # --------------------------------------------------------------------------------------- run folder
 def _referee(run_dir: Path, cfg: RunConfig, referee_run: str | None, epochs: int, device: str, quiet: bool):
     """The referee VAE: loaded from ``referee_run``, or trained once into RUN_DIR/referee (seed + 1000)."""
-    from .runs import load_run, read_config, train_vae
+    from ..runs import load_run, read_config, train_vae
 
     if referee_run:
         _, _, ref = load_run(referee_run, device)
@@ -377,8 +377,8 @@ def run_samples(
 ) -> dict[str, Any]:
     """Fit both samplers on a run's training codes, draw ``n`` images from each and from the prior, and
     score them against ``n`` test images; writes samples.json, samples.md and samples_compare.png."""
-    from .runs import load_run, read_config
-    from .train import atomic_write, write_json
+    from ..runs import load_run, read_config
+    from ..train import atomic_write, write_json
 
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir

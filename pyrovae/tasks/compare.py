@@ -1,7 +1,7 @@
 """``pyrovae compare``: a VAE and a Gaussian (or Bernoulli) mixture on one data representation, side by side.
 
 Both models are trained by the same ``fit`` on the same device-resident split and scored by the same
-importance-sampling code (``pyrovae.evaluate``): for the mixture, whose guide is empty, one sample is
+importance-sampling code (``pyrovae.tasks.evaluate``): for the mixture, whose guide is empty, one sample is
 already its exact log-likelihood. Representations never mix in one column:
 
 - ``binary``: dynamically binarised training images, test images binarised once (seeded);
@@ -28,16 +28,16 @@ import pyro
 import torch
 from pyro.poutine.util import site_is_subsample
 
-from .config import DataConfig, MixtureConfig, RunConfig, TrainingConfig, with_options
-from .errors import PyrovaeError
+from ..config import DataConfig, MixtureConfig, RunConfig, TrainingConfig, with_options
+from ..errors import PyrovaeError
+from ..files import remove_files, write_json, write_text
+from ..infer.handlers import off_rng
+from ..models.gmm import GMM
+from ..reports.markdown import fmt, markdown_table
+from ..runs import load_module_state, read_config, record_config, resolve_device, train_vae
+from ..train import fit, load_checkpoint
+from ..train.state import load_modules
 from .evaluate import ACTIVE_THRESHOLD, bits_per_dim, evaluate_points
-from .files import remove_files, write_json, write_text
-from .infer.handlers import off_rng
-from .models.gmm import GMM
-from .reports.markdown import fmt, markdown_table
-from .runs import load_module_state, read_config, record_config, resolve_device, train_vae
-from .train import fit, load_checkpoint
-from .train.state import load_modules
 
 REPRESENTATIONS = {
     # name: (VAE settings, mixture family, bits/dim kind)
@@ -295,7 +295,7 @@ def run_compare(options: CompareOptions) -> dict[str, Any]:
             raise PyrovaeError(
                 f"{options.vae_run} was trained on another representation than {options.representation!r}"
             )
-        from .runs import load_run
+        from ..runs import load_run
 
         cfg, splits, vae = load_run(options.vae_run, options.device)
         vae_seconds = sum(float(r) for r in _metric_column(Path(options.vae_run), "seconds"))
@@ -378,7 +378,7 @@ def run_compare(options: CompareOptions) -> dict[str, Any]:
     )
 
     if not options.no_figures:
-        from .reports.figures import compare_figures
+        from ..reports.figures import compare_figures
 
         summary["figures"] = compare_figures(vae, gmm, x_test, z_test, latent_clusters, out)
     return summary
@@ -422,7 +422,7 @@ def fit_mixture_latent(z: torch.Tensor, k: int, seed: int, covariance: str = "fu
     """A GMM on latent codes (a plain tensor), by the same fit. Full covariance by default: the posterior
     means mix units of variance ~1 with barely active ones (~0.01); a diagonal mixture spends its
     components on the sharp structure of the latter (Fashion-MNIST: NMI 0.06 diag vs 0.56 full)."""
-    from .data import TensorData
+    from ..data import TensorData
 
     t0 = time.perf_counter()
     pyro.set_rng_seed(seed)

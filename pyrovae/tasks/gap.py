@@ -6,7 +6,7 @@
 q(z|x) is the amortised encoder's Gaussian; q*(z|x) the best diagonal Gaussian for each datapoint on
 its own, fitted by SVI (``pyrovae.fit``) with the decoder frozen and one ``pyro.param`` loc/scale
 per datapoint, started at the encoder's output. log p̂(x) is importance sampled
-(``pyrovae.evaluate.log_likelihood``) with q* as proposal, L by the mean of the same K log-weights.
+(``pyrovae.tasks.evaluate.log_likelihood``) with q* as proposal, L by the mean of the same K log-weights.
 For a few points, NUTS (``pyro.infer.MCMC``) samples p(z|x) itself, checked with ArviZ (R̂, ESS).
 """
 
@@ -31,14 +31,14 @@ import torch
 from pyro.distributions import constraints
 from torch import nn
 
-from .data import TensorData
-from .errors import PyrovaeError
+from ..data import TensorData
+from ..errors import PyrovaeError
+from ..infer.paramstore import fresh_param_store
+from ..models.vae import data_plate, parameters_collected
+from ..reports.inference_data import from_draws, group, make_idata, scalar_attrs, summary, write_idata
+from ..reports.markdown import fmt, markdown_table
+from ..train import FitResult, fit
 from .evaluate import log_likelihood, pareto_khat
-from .infer.paramstore import fresh_param_store
-from .models.vae import data_plate, parameters_collected
-from .reports.inference_data import from_draws, group, make_idata, scalar_attrs, summary, write_idata
-from .reports.markdown import fmt, markdown_table
-from .train import FitResult, fit
 
 
 @contextmanager
@@ -349,8 +349,8 @@ def gap_run(
 ) -> dict[str, Any]:
     """Inference gaps of ``n`` images of a trained run and NUTS on the first ``nuts_points`` of them;
     writes gap.json, gap.md and (with NUTS) posterior.nc into the run folder; returns the summary."""
-    from .runs import load_run
-    from .train import atomic_write, write_json
+    from ..runs import load_run
+    from ..train import atomic_write, write_json
 
     if n < 1 or k < 1 or steps < 1 or nuts_points < 0:
         raise PyrovaeError(f"need --n, --k, --steps >= 1 and --nuts-points >= 0; got {n}, {k}, {steps}, {nuts_points}")

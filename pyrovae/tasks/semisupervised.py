@@ -31,12 +31,12 @@ import torch.nn.functional as F
 from pyro.infer import TraceEnum_ELBO
 from torch import nn
 
-from .errors import PyrovaeError
-from .infer.paramstore import fresh_param_store
-from .models.vae import VAE, data_plate, register
-from .nn.likelihoods import Likelihood, make_likelihood
-from .nn.nets import _mlp, normal_head
-from .reports.markdown import markdown_table
+from ..errors import PyrovaeError
+from ..infer.paramstore import fresh_param_store
+from ..models.vae import VAE, data_plate, register
+from ..nn.likelihoods import Likelihood, make_likelihood
+from ..nn.nets import _mlp, normal_head
+from ..reports.markdown import markdown_table
 
 
 def _cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -253,7 +253,7 @@ def train_m2(
 ):
     """Train M2 by ``fit`` with TraceEnum_ELBO; α = ``alpha_scale`` · N. With ``test`` (x, y), each epoch's
     history row gets ``test_accuracy`` of q(y | x). Returns ``fit``'s result."""
-    from .train import fit
+    from ..train import fit
 
     m2.alpha = alpha_scale * (len(data) + data.num_labelled)
 
@@ -343,11 +343,11 @@ def run_semisupervised(
 ) -> dict[str, Any]:
     """M2 on ``labels`` balanced labels plus the unlabelled rest, against the same classifier trained on the
     labels alone; writes ssl.json, ssl.md and samples_per_class.png into ``out``."""
-    from .config import DataConfig, LabelsConfig, M2Config, RunConfig, TrainingConfig
-    from .data import Pixels, load_dataset, make_splits, synthetic
-    from .runs import record_config, resolve_device
-    from .train import atomic_write, write_json
-    from .train.state import module_states
+    from ..config import DataConfig, LabelsConfig, M2Config, RunConfig, TrainingConfig
+    from ..data import Pixels, load_dataset, make_splits, synthetic
+    from ..runs import record_config, resolve_device
+    from ..train import atomic_write, write_json
+    from ..train.state import module_states
 
     out = Path(out)
     if (out / "ssl.json").exists() and not overwrite:
@@ -394,7 +394,7 @@ def run_semisupervised(
     out.mkdir(parents=True, exist_ok=True)
     pyro.set_rng_seed(seed + 1)
     grid = m2.sample_per_class(10, x_test).clamp(0, 1).cpu()
-    from .reports.figures import save_image
+    from ..reports.figures import save_image
 
     save_image(grid, out / "samples_per_class.png", nrow=10, padding=1, pad_value=1.0)
     summary: dict[str, Any] = {

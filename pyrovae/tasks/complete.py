@@ -27,16 +27,16 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from .config import RunConfig
-from .data import ImageData, Splits
-from .errors import PyrovaeError
+from ..config import RunConfig
+from ..data import ImageData, Splits
+from ..errors import PyrovaeError
+from ..infer.handlers import off_rng
+from ..models.vae import VAE, vae_parts
+from ..nn.likelihoods import Likelihood
+from ..nn.nets import Arch
+from ..reports.markdown import fmt, markdown_table
+from ..runs import arch_from_config
 from .evaluate import importance_draws, log_likelihood
-from .infer.handlers import off_rng
-from .models.vae import VAE, vae_parts
-from .nn.likelihoods import Likelihood
-from .nn.nets import Arch
-from .reports.markdown import fmt, markdown_table
-from .runs import arch_from_config
 
 MASK_KINDS = ("random", "top-half", "mix")
 MISSING_COLOUR = (0.85, 0.15, 0.15)  # missing pixels in the completion grid
@@ -208,7 +208,7 @@ def completion_log_likelihood(
 ) -> Completion:
     """SNIS estimate of log p(x_miss | x_obs) per image from K draws of q(z | x_obs, m) (see :class:`Completion`).
 
-    Masking is conditioning: the shared importance sampler (:func:`pyrovae.evaluate.log_likelihood`) runs the
+    Masking is conditioning: the shared importance sampler (:func:`pyrovae.tasks.evaluate.log_likelihood`) runs the
     program conditioned on x_obs, then on all of x, with the same draws; the estimate is the difference.
     """
     if k < 1:
@@ -282,7 +282,7 @@ def baseline_log_likelihood(
 
 def completion_grid(x: torch.Tensor, mask: torch.Tensor, completions: torch.Tensor, path: Path) -> Path:
     """One row per image: the input with its hole (missing pixels coloured), the completions, the truth."""
-    from .reports.figures import save_image
+    from ..reports.figures import save_image
 
     def rgb(t: torch.Tensor) -> torch.Tensor:
         return t.clamp(0, 1).expand(*t.shape[:-3], 3, *t.shape[-2:]) if t.shape[-3] == 1 else t.clamp(0, 1)
@@ -297,7 +297,7 @@ def completion_grid(x: torch.Tensor, mask: torch.Tensor, completions: torch.Tens
 # ----------------------------------------------------------------------------------------- run folder
 def build_masked_model(cfg: RunConfig, splits: Splits) -> MaskedVAE:
     """The run's masked VAE on the data's device, checked against the data's support."""
-    from .runs import check_support, set_autocast
+    from ..runs import check_support, set_autocast
 
     m = cfg.model
     vae = build_masked_vae(
@@ -318,7 +318,7 @@ def train_masked(
 ):
     """Train (or resume) the masked VAE a config of kind ``masked`` describes (its ``extra``: the mask and its
     rate) into ``out``; returns (splits, vae, FitResult)."""
-    from .runs import BUILDERS, check_config, fit_from_config, resolve_device
+    from ..runs import BUILDERS, check_config, fit_from_config, resolve_device
 
     cfg = check_config(cfg)
     if cfg.kind != "masked":
@@ -339,7 +339,7 @@ def train_masked(
 
 def load_masked_run(run_dir: str | Path, device: str = "auto") -> tuple[RunConfig, Splits, MaskedVAE]:
     """Rebuild a run trained by ``pyrovae train-masked``: config, data splits and the trained masked VAE."""
-    from .runs import load_run, read_config
+    from ..runs import load_run, read_config
 
     if not Path(run_dir).is_dir():
         raise PyrovaeError(f"no run folder {run_dir}")
@@ -364,7 +364,7 @@ def complete_run(
 ) -> dict[str, Any]:
     """Completion log-likelihood (SNIS) against the per-pixel baseline on ``n`` images with seeded masks;
     writes complete.json, complete.md and completions.png into the run folder and returns the summary."""
-    from .train import atomic_write, write_json
+    from ..train import atomic_write, write_json
 
     if k < 1 or n < 1:
         raise PyrovaeError(f"--k and --n must be at least 1, got {k} and {n}")

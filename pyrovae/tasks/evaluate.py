@@ -32,12 +32,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
-from .errors import PyrovaeError
-from .infer.handlers import DATA_PLATE, off_rng, sample_frames
-from .infer.renyi import PARTICLE_PLATE
-from .models.vae import parameters_collected
-from .reports.inference_data import make_idata, psis_khat, scalar_attrs, write_idata
-from .reports.markdown import fmt, markdown_table
+from ..errors import PyrovaeError
+from ..infer.handlers import DATA_PLATE, off_rng, sample_frames
+from ..infer.renyi import PARTICLE_PLATE
+from ..models.vae import parameters_collected
+from ..reports.inference_data import make_idata, psis_khat, scalar_attrs, write_idata
+from ..reports.markdown import fmt, markdown_table
 
 KHAT_GOOD, KHAT_BAD = 0.5, 0.7
 EQUAL_WEIGHTS = 1e-4  # log-weights spread less than this: the weights are equal, k̂ is 0
@@ -711,9 +711,9 @@ def evaluate_run(
         raise PyrovaeError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if n is not None and n < 1:
         raise PyrovaeError(f"--n must be at least 1, got {n}")
-    from .files import remove_stale_temp_files
-    from .runs import load_run
-    from .train import write_json
+    from ..files import remove_stale_temp_files
+    from ..runs import load_run
+    from ..train import write_json
 
     remove_stale_temp_files(run_dir)  # of an evaluation or training killed mid-write
     t0 = time.perf_counter()
@@ -773,7 +773,7 @@ def evaluate_run(
     }
     write_netcdf(run_dir / "eval.nc", res, labels, summary)
     if figures:
-        from .reports.figures import make_figures
+        from ..reports.figures import make_figures
 
         summary["figures"] = [p.name for p in make_figures(run_dir, vae, x, labels, res.z_mean, res.khat)]
     summary["seconds"] = time.perf_counter() - t0
@@ -802,7 +802,7 @@ def write_netcdf(path: Path, res: PointEvaluation, labels: torch.Tensor | None, 
 
 
 def _write_markdown(path: Path, s: dict[str, Any]) -> None:
-    from .train import atomic_write
+    from ..train import atomic_write
 
     lines = [
         f"# Evaluation of {s['run']}",
