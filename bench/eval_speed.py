@@ -26,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import append_results, markdown_table  # noqa: E402
 from plain_vae import plain_log_likelihood  # noqa: E402
 
-from pyrovae.runs import load_run  # noqa: E402
-from pyrovae.tasks.evaluate import (  # noqa: E402
+from pyrovae.infer.importance import (  # noqa: E402
     CPU_CHUNK_MB,
     DEFAULT_MEMORY_MB,
     _inspect,
@@ -37,6 +36,7 @@ from pyrovae.tasks.evaluate import (  # noqa: E402
     chunk_budget_mb,
     log_likelihood,
 )
+from pyrovae.runs import load_run  # noqa: E402
 
 
 def gemm_flops_per_second(device: torch.device, size: int = 2048, repeats: int = 5) -> float:

@@ -72,8 +72,8 @@ def child_eval(args: argparse.Namespace) -> dict:
     import pyro
     import torch
 
+    from pyrovae.infer.importance import log_likelihood
     from pyrovae.runs import load_run
-    from pyrovae.tasks.evaluate import log_likelihood
 
     pyro.set_rng_seed(0)
     _, splits, vae = load_run(args.run, "auto")

@@ -14,10 +14,9 @@ import pyro
 import torch
 
 import pyrovae
+from pyrovae.models.masked import MaskedImageData, build_masked_vae
 from pyrovae.tasks.complete import (
-    MaskedImageData,
     baseline_log_likelihood,
-    build_masked_vae,
     completion_grid,
     completion_log_likelihood,
     sample_completions,

@@ -15,9 +15,8 @@ import pyro
 import torch
 
 import pyrovae
+from pyrovae.models.m2 import M2, Classifier
 from pyrovae.tasks.semisupervised import (
-    M2,
-    Classifier,
     SemiSupervisedData,
     accuracy,
     balanced_labels,

@@ -108,7 +108,7 @@ def _mixture(cfg: RunConfig, splits: Splits) -> torch.nn.Module:
 
 
 def _m2(cfg: RunConfig, splits: Splits) -> torch.nn.Module:
-    from .tasks.semisupervised import M2
+    from .models.m2 import M2
 
     m = cfg.model
     m2 = M2(splits.train.shape, m.likelihood, m.hidden, m.z_dim, m.classes).to(splits.train.device)

@@ -21,7 +21,7 @@ from torch import nn
 from pyrovae import PyrovaeError, TensorData, evaluate_points, fit, log_likelihood
 from pyrovae.infer import RenyiBound
 from pyrovae.infer.handlers import DataScale
-from pyrovae.tasks.evaluate import importance_draws
+from pyrovae.infer.importance import importance_draws
 
 D, Z, H = 12, 2, 16
 

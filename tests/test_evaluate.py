@@ -19,7 +19,7 @@ from pyro.infer import Trace_ELBO
 
 from pyrovae import PyrovaeError
 from pyrovae.cli import main
-from pyrovae.tasks.evaluate import (
+from pyrovae.infer.importance import (
     _plan,
     active_units,
     bits_per_dim,

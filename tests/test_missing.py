@@ -14,12 +14,10 @@ from pyro.infer import Trace_ELBO
 
 from pyrovae import fit
 from pyrovae.cli import main
+from pyrovae.models.masked import MaskedImageData, build_masked_vae, make_masks
 from pyrovae.tasks.complete import (
-    MaskedImageData,
     baseline_log_likelihood,
-    build_masked_vae,
     completion_log_likelihood,
-    make_masks,
     observed_log_weights,
     sample_completions,
 )

@@ -183,7 +183,7 @@ def test_label_conditioned_vae_log_likelihood_matches_the_mixture():
     log p(x, y) to float32 rounding (the exact q(z | x, y) makes every weight equal)."""
     import pyro.poutine as poutine
 
-    from pyrovae.tasks.evaluate import log_likelihood
+    from pyrovae.infer.importance import log_likelihood
 
     lin = _LabelledLinear()
     x, y = lin.sample(8)

@@ -197,8 +197,8 @@ def test_stage2_is_the_built_in_vae_on_codes():
     import pyro.distributions as dist
     import pyro.poutine as poutine
 
+    from pyrovae.models.two_stage import LatentVAE
     from pyrovae.models.vae import VAE
-    from pyrovae.tasks.samples import LatentVAE
 
     torch.manual_seed(0)
     stage2 = LatentVAE(4, hidden=(16,))

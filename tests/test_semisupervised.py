@@ -15,9 +15,8 @@ import torch.nn.functional as F
 
 from pyrovae import Pixels, PyrovaeError, make_splits, synthetic
 from pyrovae.cli import main
+from pyrovae.models.m2 import M2, Classifier
 from pyrovae.tasks.semisupervised import (
-    M2,
-    Classifier,
     SemiSupervisedData,
     accuracy,
     balanced_labels,

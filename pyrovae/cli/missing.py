@@ -11,7 +11,8 @@ from pathlib import Path
 from ..config import MaskConfig, RunConfig
 from ..errors import PyrovaeError
 from ..infer import check_alpha
-from ..tasks.complete import MASK_KINDS, complete_run
+from ..models.masked import MASK_KINDS
+from ..tasks.complete import complete_run
 from ..training import train_run
 from .options import (
     add_data_options,

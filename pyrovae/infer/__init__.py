@@ -8,7 +8,8 @@ Pyro's JIT variants are left out on purpose: in Pyro 1.9 JitTraceMeanField_ELBO 
 step (about 4x slower here) and TorchScript is deprecated in torch >= 2.11.
 
 Beside the estimators: ``handlers.py`` the minibatch scale (``DataScale``) and plate helpers, ``paramstore.py``
-param-store scopes.
+param-store scopes, ``importance.py`` the per-datapoint importance sweep (log p(x), its draws, PSIS k̂) and its
+diagnostics.
 """
 
 from __future__ import annotations

@@ -1,1 +1,2 @@
-"""Neural-network pieces: encoder/decoder nets (``nets``) and the likelihoods p(x|z) they parameterise (``likelihoods``)."""
+"""Neural-network pieces: encoder/decoder nets (``nets``) and the likelihoods p(x|z) they parameterise
+(``likelihoods``)."""

@@ -1,7 +1,7 @@
 """``pyrovae compare``: a VAE and a Gaussian (or Bernoulli) mixture on one data representation, side by side.
 
 Both models are trained by the same ``fit`` on the same device-resident split and scored by the same
-importance-sampling code (``pyrovae.tasks.evaluate``): for the mixture, whose guide is empty, one sample is
+importance-sampling code (``pyrovae.infer.importance``): for the mixture, whose guide is empty, one sample is
 already its exact log-likelihood. Representations never mix in one column:
 
 - ``binary``: dynamically binarised training images, test images binarised once (seeded);
@@ -32,12 +32,12 @@ from ..config import DataConfig, MixtureConfig, RunConfig, TrainingConfig, with_
 from ..errors import PyrovaeError
 from ..files import remove_files, write_json, write_text
 from ..infer.handlers import off_rng
+from ..infer.importance import ACTIVE_THRESHOLD, bits_per_dim, evaluate_points
 from ..models.gmm import GMM
 from ..reports.markdown import fmt, markdown_table
 from ..runs import load_module_state, read_config, record_config, resolve_device, train_vae
 from ..train import fit, load_checkpoint
 from ..train.state import load_modules
-from .evaluate import ACTIVE_THRESHOLD, bits_per_dim, evaluate_points
 
 REPRESENTATIONS = {
     # name: (VAE settings, mixture family, bits/dim kind)

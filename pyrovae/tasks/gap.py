@@ -6,7 +6,7 @@
 q(z|x) is the amortised encoder's Gaussian; q*(z|x) the best diagonal Gaussian for each datapoint on
 its own, fitted by SVI (``pyrovae.fit``) with the decoder frozen and one ``pyro.param`` loc/scale
 per datapoint, started at the encoder's output. log p̂(x) is importance sampled
-(``pyrovae.tasks.evaluate.log_likelihood``) with q* as proposal, L by the mean of the same K log-weights.
+(``pyrovae.infer.importance.log_likelihood``) with q* as proposal, L by the mean of the same K log-weights.
 For a few points, NUTS (``pyro.infer.MCMC``) samples p(z|x) itself, checked with ArviZ (R̂, ESS).
 """
 
@@ -33,12 +33,12 @@ from torch import nn
 
 from ..data import TensorData
 from ..errors import PyrovaeError
+from ..infer.importance import log_likelihood, pareto_khat
 from ..infer.paramstore import fresh_param_store
 from ..models.vae import data_plate, parameters_collected
 from ..reports.inference_data import from_draws, group, make_idata, scalar_attrs, summary, write_idata
 from ..reports.markdown import fmt, markdown_table
 from ..train import FitResult, fit
-from .evaluate import log_likelihood, pareto_khat
 
 
 @contextmanager

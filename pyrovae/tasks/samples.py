@@ -30,9 +30,8 @@ from ..errors import PyrovaeError
 from ..files import remove_files
 from ..infer.paramstore import fresh_param_store
 from ..models.gmm import GMM
+from ..models.two_stage import LatentVAE
 from ..models.vae import VAE
-from ..nn.likelihoods import LearnedNoise
-from ..nn.nets import Arch, make_networks
 from ..reports.markdown import fmt, markdown_table
 
 CODES = ("sample", "mean")
@@ -159,37 +158,6 @@ def encode(vae: VAE, data, codes: str = "sample", batch_size: int = 2000) -> Pos
         locs.append(loc)
         scales.append(scale)
     return PosteriorCodes(torch.cat(locs), torch.cat(scales), codes)
-
-
-# ------------------------------------------------------------------------------------ stage-2 VAE
-class LatentVAE(VAE):
-    """The second stage, the built-in :class:`~pyrovae.models.vae.VAE` on codes: u ~ N(0, I), z ~ N(decoder(u), γ₂ I)
-    with a learned γ₂ (:class:`~pyrovae.nn.likelihoods.LearnedNoise`), guide u ~ N(encoder(z)), MLP networks.
-
-    Dai & Wipf use three 1024-unit layers; the default here is two of 512 (the codes are 2-64 dims).
-    In the program's site names the codes are ``x`` and u is ``z``.
-    """
-
-    GAMMA_GAIN = 10.0
-
-    def __init__(
-        self, z_dim: int, u_dim: int | None = None, hidden: tuple[int, ...] = (512, 512), activation: str = "relu"
-    ) -> None:
-        u_dim = u_dim or z_dim
-        encoder, decoder = make_networks(Arch("mlp", tuple(hidden), activation, u_dim), (z_dim,))
-        super().__init__(encoder, decoder, LearnedNoise(self.GAMMA_GAIN), u_dim, "stage2", event_dims=1)
-        self.code_dim, self.u_dim = z_dim, u_dim
-
-    @property
-    def gamma(self) -> float:
-        return float(self.likelihood.log_gamma.detach().exp())
-
-    @torch.no_grad()
-    def sample(self, n: int, like: torch.Tensor, noise: bool = True) -> torch.Tensor:
-        """``n`` codes: the decoder's mean at u ~ N(0, I), plus N(0, γ₂) noise if ``noise``."""
-        u = torch.randn(n, self.u_dim, device=like.device, dtype=like.dtype)
-        z = self.decoder(u)
-        return z + self.gamma**0.5 * torch.randn_like(z) if noise else z
 
 
 class TwoStageSampler:
@@ -492,7 +460,7 @@ def run_samples(
 
 
 def _referee_log_p(referee: VAE, x: torch.Tensor, k: int) -> torch.Tensor:
-    from .evaluate import log_likelihood
+    from ..infer.importance import log_likelihood
 
     with fresh_param_store():  # the referee's modules must not meet another VAE's of the same name
         return log_likelihood(referee.model, referee.guide, x, num_samples=k).double()
@@ -547,7 +515,6 @@ def _markdown(s: dict[str, Any]) -> str:
 
 __all__ = [
     "LatentGMMSampler",
-    "LatentVAE",
     "PosteriorCodes",
     "TwoStageSampler",
     "decode",
