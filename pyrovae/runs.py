@@ -162,6 +162,18 @@ def record_config(cfg: RunConfig, facts: dict[str, Any]) -> RunConfig:
     return replace(cfg, facts={**cfg.facts, **facts, "versions": versions}, version=CONFIG_VERSION)
 
 
+def build_for_training(cfg: Any, kind: str) -> tuple[RunConfig, Splits, torch.nn.Module]:
+    """A checked config of ``kind``, its data splits on its device and a freshly seeded model, ready to fit."""
+    cfg = check_config(cfg)
+    if cfg.kind != kind:
+        raise PyrovaeError(f"this trains a run of kind {kind!r}, not {cfg.kind!r}")
+    device = resolve_device(cfg.training.device)
+    pyro.set_rng_seed(cfg.training.seed)
+    builder = BUILDERS[cfg.kind]
+    splits = builder.splits(cfg, device)
+    return cfg, splits, builder.model(cfg, splits)
+
+
 def train_vae(
     cfg: RunConfig,
     out: str | Path,
@@ -175,14 +187,7 @@ def train_vae(
 
     ``out`` is left as it was until the first checkpoint is written; ``on_first_checkpoint`` runs then.
     ``tensorboard``: a folder for TensorBoard event files (scalars, sample and reconstruction grids)."""
-    cfg = check_config(cfg)
-    if cfg.kind != "vae":
-        raise PyrovaeError(f"train_vae trains a run of kind 'vae', not {cfg.kind!r}")
-    device = resolve_device(cfg.training.device)
-    pyro.set_rng_seed(cfg.training.seed)
-    builder = BUILDERS[cfg.kind]
-    splits = builder.splits(cfg, device)
-    vae = builder.model(cfg, splits)
+    cfg, splits, vae = build_for_training(cfg, "vae")
     logger = None
     if tensorboard is not None:
         from .reports.tensorboard import TensorBoardLogger

@@ -254,6 +254,20 @@ def test_khat_recovers_a_known_pareto_tail():
     assert np.abs(khat - shapes).max() < 0.2, khat
 
 
+def test_khat_of_a_flat_tail_is_not_estimated_and_other_rows_are_unchanged():
+    """A row whose largest weights are all one value (a discrete guide, float32 rounding) has no tail to fit:
+    ArviZ 1.x raises on it and 0.x returns inf, so pyrovae reports NaN there, and the rows beside it get
+    exactly the k̂ they get alone (the flat row must not change or break the others)."""
+    rng = np.random.default_rng(1)
+    pareto_rows = -np.array([[0.3], [0.9]]) * np.log(rng.uniform(size=(2, 2000)))
+    flat = np.concatenate([np.zeros(1000), -rng.uniform(1, 2, size=1000)])[None]  # top 134 weights equal
+    khat = pareto_khat(torch.as_tensor(np.concatenate([pareto_rows[:1], flat, pareto_rows[1:]])))
+    alone = pareto_khat(torch.as_tensor(pareto_rows))
+    assert math.isnan(khat[1]) and np.isfinite(alone).all()
+    assert khat[[0, 2]] == pytest.approx(alone, abs=1e-12)
+    assert khat_summary(khat)["khat_bad"] == pytest.approx(float((alone > 0.7).mean()))  # NaN left out
+
+
 def test_bits_per_dim_and_active_units():
     assert bits_per_dim(torch.tensor([-784 * math.log(2)]), 784, "binary") == pytest.approx(1.0)
     # dequantised: density on [0, 1]^D is 256^D times the density on the 0..256 pixel scale -> +8 bits/dim

@@ -32,18 +32,28 @@ def _arviz() -> ModuleType:
 
 
 def psis_khat(log_weights: np.ndarray) -> np.ndarray:
-    """ArviZ's PSIS k̂ of each row of (..., K) importance log-weights (reff 1: independent draws)."""
+    """ArviZ's PSIS k̂ of each row of (..., K) importance log-weights (reff 1: independent draws).
+
+    NaN for a row whose tail (its largest ceil(min(K/5, 3√K)) weights, the ones PSIS fits) is all one value:
+    there is no tail to fit (ArviZ 1.x refuses such a row, 0.x returns inf)."""
     lw = np.asarray(log_weights, dtype=float)
+    tail = int(np.ceil(min(0.2 * lw.shape[-1], 3 * np.sqrt(lw.shape[-1]))))
+    top = np.sort(lw, axis=-1)[..., -tail:]
+    flat = np.ptp(top, axis=-1) < np.finfo(float).tiny
+    khat = np.full(lw.shape[:-1], np.nan)
+    if flat.all():
+        return khat
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
         if ARVIZ_1:
             from arviz_stats.base import array_stats
 
             # arviz-stats' psislw takes log-likelihood values and negates them (as LOO's raw weights)
-            _, khat = array_stats.psislw(-lw, r_eff=1.0, axis=-1)
+            _, fitted = array_stats.psislw(-lw[~flat], r_eff=1.0, axis=-1)
         else:
-            _, khat = _arviz().psislw(lw, reff=1.0)
-    return np.asarray(khat, dtype=float)
+            _, fitted = _arviz().psislw(lw[~flat], reff=1.0)
+    khat[~flat] = np.asarray(fitted, dtype=float)
+    return khat
 
 
 def make_idata(**groups: xr.Dataset) -> Any:

@@ -213,16 +213,9 @@ def train_masked(
 ):
     """Train (or resume) the masked VAE a config of kind ``masked`` describes (its ``extra``: the mask and its
     rate) into ``out``; returns (splits, vae, FitResult)."""
-    from ..runs import BUILDERS, check_config, fit_from_config, resolve_device
+    from ..runs import build_for_training, fit_from_config
 
-    cfg = check_config(cfg)
-    if cfg.kind != "masked":
-        raise PyrovaeError(f"train_masked trains a run of kind 'masked', not {cfg.kind!r}")
-    device = resolve_device(cfg.training.device)
-    pyro.set_rng_seed(cfg.training.seed)
-    builder = BUILDERS[cfg.kind]
-    splits = builder.splits(cfg, device)
-    vae = builder.model(cfg, splits)
+    cfg, splits, vae = build_for_training(cfg, "masked")
     mask, rate, seed = cfg.extra.mask, cfg.extra.rate, cfg.training.seed
     train = MaskedImageData(splits.train, mask, rate)
     val = MaskedImageData(splits.val, mask, rate, fixed_seed=seed + 11)
