@@ -30,7 +30,25 @@ def run() -> int:
         sys.stderr.flush()
         os._exit(130)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # the CLI's own handling takes over from here
-    return main()
+    code = main()
+    _end_on_signal(code)
+    return code
+
+
+def _end_on_signal(code: int | None) -> None:
+    """After the command is done (files written, its last line printed), a Ctrl-C or SIGTERM during interpreter
+    shutdown ends the process at once with the command's exit code, instead of a traceback from an exit handler."""
+
+    def stop(signum, frame):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed or broken stream: nothing left to say
+                pass
+        os._exit(int(code or 0))
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, stop)
 
 
 if __name__ == "__main__":

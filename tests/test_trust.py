@@ -339,6 +339,23 @@ def test_ctrl_c_during_start_up_is_one_line_and_leaves_nothing(tmp_path):
     assert not out.exists()
 
 
+def test_a_signal_during_interpreter_shutdown_ends_with_the_commands_code_and_no_traceback():
+    """The CLI has finished (its run saved, its last line printed) when a second Ctrl-C lands in an exit handler
+    (torch's, in the case seen): the process ends at once with the command's exit code and nothing on stderr.
+    An exit handler that signals its own process makes the timing exact; without pyrovae's handler Python
+    prints 'Exception ignored in atexit callback' and a KeyboardInterrupt traceback."""
+    script = (
+        "import atexit, os, signal, time\n"
+        "from pyrovae.__main__ import _end_on_signal\n"
+        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(5)))\n"
+        "print('done: the command finished')\n"
+        "_end_on_signal(3)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "done: the command finished\n" and proc.stderr == ""
+
+
 def test_a_second_signal_stops_at_once_except_inside_a_checkpoint_write():
     from pyrovae.train import _StopFlag
 
