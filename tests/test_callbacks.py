@@ -150,3 +150,13 @@ def test_fit_keeps_the_callers_other_parameters(tiny_splits):
     vae = _new_vae(tiny_splits)
     fit(vae.model, vae.guide, tiny_splits.train, epochs=1, **FIT)
     assert pyro.param("mine") is mine
+
+
+def test_the_progress_line_names_val_elbo_only_when_there_is_validation_data(tiny_splits, capsys):
+    # a fit without val_data (the GMM in pyrovae compare) has no validation ELBO: its line must not say "nan"
+    for val, wanted in ((None, False), (tiny_splits.val, True)):
+        vae = _new_vae(tiny_splits)
+        fit(vae.model, vae.guide, tiny_splits.train, epochs=1, val_data=val, **{**FIT, "quiet": False})
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.startswith("epoch 1/1  train ELBO -") and "nan" not in line
+        assert ("val ELBO -" in line) == wanted, line

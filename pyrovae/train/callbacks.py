@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import signal
 import sys
 import threading
@@ -263,10 +264,8 @@ class ProgressBar(Callback):
 
     def on_epoch_end(self, loop: Loop, row: dict[str, float]) -> None:
         if not self.quiet:
-            msg = (
-                f"epoch {int(row['epoch'])}/{loop.epochs}  train ELBO {row['train_elbo']:.2f}  "
-                f"val ELBO {row['val_elbo']:.2f}  {row['seconds']:.1f}s"
-            )
+            val = "" if math.isnan(row["val_elbo"]) else f"val ELBO {row['val_elbo']:.2f}  "  # no validation data
+            msg = f"epoch {int(row['epoch'])}/{loop.epochs}  train ELBO {row['train_elbo']:.2f}  {val}{row['seconds']:.1f}s"
             self.bar.write(msg, file=sys.stderr)
 
     def teardown(self, loop: Loop) -> None:
