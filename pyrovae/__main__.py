@@ -4,35 +4,50 @@ import os
 import signal
 import sys
 
+INTERRUPTED = 130  # the exit code of a command stopped by Ctrl-C or SIGTERM (128 + SIGINT, as shells report it)
+
 
 def run() -> int:
     """Import the CLI and run it; an interrupt before the CLI takes over is one line and exit 130.
 
-    The interrupt is recorded as well as raised, since a library's bare ``except:`` during its import can
-    swallow the ``KeyboardInterrupt``. The exit skips interpreter shutdown: an import cut short can leave
-    torch half-initialised, and its exit handlers then hang. Nothing has been written yet at that point.
+    During start-up the signal handler itself ends the process (``os._exit``): nothing has been written yet,
+    and an exception raised inside torch's import can cross its C++ frames and abort the process (SIGABRT),
+    be swallowed by a library's bare ``except:``, or leave torch half-initialised with exit handlers that hang.
     """
-    received: list[int] = []
 
-    def interrupt(signum, frame):
-        received.append(signum)
-        raise KeyboardInterrupt
+    def stop_now(signum, frame):
+        sys.stderr.write("pyrovae: interrupted\n")
+        _exit_now(INTERRUPTED)
 
     for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, interrupt)
-    try:
-        from .cli import main
+        signal.signal(s, stop_now)
+    from .cli import main
 
-        if received:
-            raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        sys.stderr.write("pyrovae: interrupted\n")
-        sys.stderr.flush()
-        os._exit(130)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # the CLI's own handling takes over from here
+    # the CLI's own handling takes over from here: both signals raise KeyboardInterrupt until a command sets its own
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     code = main()
+    if code == INTERRUPTED:
+        # the command caught the interrupt and said so; end here, since an interrupt that passed through C code
+        # (an import run by PyRun_*) leaves Python's "unhandled KeyboardInterrupt" mark, which at a normal exit
+        # turns exit 130 into death by SIGINT
+        _exit_now(code)
     _end_on_signal(code)
     return code
+
+
+def _exit_now(code: int) -> None:
+    """Flush what was printed and end the process at once, skipping interpreter shutdown."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed or broken stream: nothing left to say
+            pass
+    os._exit(code)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _end_on_signal(code: int | None) -> None:
@@ -40,12 +55,7 @@ def _end_on_signal(code: int | None) -> None:
     shutdown ends the process at once with the command's exit code, instead of a traceback from an exit handler."""
 
     def stop(signum, frame):
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:  # noqa: BLE001 - a closed or broken stream: nothing left to say
-                pass
-        os._exit(int(code or 0))
+        _exit_now(int(code or 0))
 
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, stop)
