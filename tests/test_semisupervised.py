@@ -59,6 +59,26 @@ def test_enumerated_loss_equals_the_explicit_sum_over_labels():
     assert float(loss.detach()) == pytest.approx(-float((unlabelled + labelled).detach()), rel=1e-5)
 
 
+def test_m2_programs_as_trained_give_a_log_likelihood_above_their_elbo():
+    """log_likelihood takes M2's own model and guide unchanged (the guide marks q(y|x) for enumeration, as
+    TraceEnum_ELBO trains it; importance sampling draws y from it instead). Per datapoint, the K = 2000 bound is
+    at least the 1-sample bound in expectation, so its mean lies above the enumerated ELBO (200 particles): over
+    seeds 0-5 it lay 2.2 nats above, with sds 0.02 and 0.03 nats across seeds, so a 0.5-nat margin is ~50 sd."""
+    from pyro.infer import TraceEnum_ELBO
+
+    from pyrovae import log_likelihood
+
+    torch.manual_seed(0)
+    m2 = M2(torch.Size([1, 8, 8]), "bernoulli", (32,), 4, 3)
+    x = (torch.rand(6, 1, 8, 8) < 0.3).float()
+    pyro.set_rng_seed(0)
+    log_p = log_likelihood(m2.model, m2.guide, x, num_samples=2000)
+    elbo = TraceEnum_ELBO(max_plate_nesting=1, num_particles=200, vectorize_particles=True)
+    per_point = -elbo.loss(m2.model, m2.guide, x) / len(x)
+    assert log_p.shape == (6,) and torch.isfinite(log_p).all()
+    assert float(log_p.mean()) > per_point + 0.5
+
+
 def test_balanced_labels():
     y = torch.arange(10).repeat(30)
     idx = balanced_labels(y, 100, seed=3)

@@ -112,6 +112,11 @@ class _Program:
         return tuple(cut(a) for a in self.args), {key: cut(v) for key, v in self.kwargs.items()}
 
 
+def _draw_instead(site: dict) -> dict:
+    """Guide sites marked for enumeration (as TraceEnum_ELBO trains M2's q(y|x)) are drawn from the guide instead."""
+    return {"enumerate": None} if site["infer"].get("enumerate") else {}
+
+
 def _inspect(model: Callable, guide: Callable, args: tuple, kwargs: dict, plate: str | None) -> _Program:
     """Find the data plate and the plate nesting from one validated run on the arguments as given.
 
@@ -138,9 +143,8 @@ def _inspect(model: Callable, guide: Callable, args: tuple, kwargs: dict, plate:
     named = [f for f in common if f.name == DATA_PLATE]
     frame = named[0] if named else max(common, key=lambda f: f.dim)  # else the outermost common plate
     nesting = max(-f.dim for stack in stacks for f in stack)
-    for name, site in guide_tr.nodes.items():
-        if site["type"] == "sample" and site["infer"].get("enumerate"):
-            raise PyrovaeError(f"guide site {name!r} is enumerated: log p(x) sums out enumerated model sites only")
+    if any(site["type"] == "sample" and site["infer"].get("enumerate") for site in guide_tr.nodes.values()):
+        guide = poutine.infer_config(guide, _draw_instead)  # q(y|x) joins the proposal: y drawn, not summed
     enumerated = any(
         site["type"] == "sample"
         and not site["is_observed"]
@@ -489,6 +493,7 @@ def log_likelihood(
     ``chunk_size`` particles and ``batch_size`` datapoints go through the program per call; left out,
     they are the most that keep a call under ``memory_mb`` (default 1024; on a CPU at most 64, faster).
     Datapoints are chunked only if the program runs on a subset of them (a non-amortised guide does not).
+    Enumerated model sites are summed out exactly; guide sites marked for enumeration are drawn from the guide.
     With ``return_log_weights``, also the (N, K) log-weights. Draws come from Pyro's (torch's) global RNG.
     """
     out, weights = [], []
