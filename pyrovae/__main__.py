@@ -27,10 +27,12 @@ def run() -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     code = main()
-    if code == INTERRUPTED:
-        # the command caught the interrupt and said so; end here, since an interrupt that passed through C code
+    if code == INTERRUPTED or "LOCAL_RANK" in os.environ:
+        # Interrupted: the command caught it and said so; end here, since an interrupt that passed through C code
         # (an import run by PyRun_*) leaves Python's "unhandled KeyboardInterrupt" mark, which at a normal exit
-        # turns exit 130 into death by SIGINT
+        # turns exit 130 into death by SIGINT. A torchrun worker: its files are written and its process group
+        # left; gloo's store threads can abort a normal interpreter shutdown ("terminate called without an
+        # active exception"), which torchrun would report as a failed worker.
         _exit_now(code)
     _end_on_signal(code)
     return code
