@@ -22,12 +22,12 @@ def run() -> int:
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, stop_now)
     from .cli import main
+    from .distributed import launched
 
-    # the CLI's own handling takes over from here: both signals raise KeyboardInterrupt until a command sets its own
+    # the CLI's own handling takes over from here: Ctrl-C raises KeyboardInterrupt, and main() makes SIGTERM do so
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
     code = main()
-    if code == INTERRUPTED or "LOCAL_RANK" in os.environ:
+    if code == INTERRUPTED or launched():
         # Interrupted: the command caught it and said so; end here, since an interrupt that passed through C code
         # (an import run by PyRun_*) leaves Python's "unhandled KeyboardInterrupt" mark, which at a normal exit
         # turns exit 130 into death by SIGINT. A torchrun worker: its files are written and its process group
@@ -46,10 +46,6 @@ def _exit_now(code: int) -> None:
         except Exception:  # noqa: BLE001 - a closed or broken stream: nothing left to say
             pass
     os._exit(code)
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def _end_on_signal(code: int | None) -> None:
