@@ -339,6 +339,19 @@ def test_ctrl_c_during_start_up_is_one_line_and_leaves_nothing(tmp_path):
     assert not out.exists()
 
 
+def test_an_interrupt_while_the_command_line_is_parsed_is_one_line(monkeypatch, capsys):
+    """A SIGTERM (which main turns into KeyboardInterrupt) can land while the parser is still being built: seen
+    at 1.5 s after start as a 27-line traceback. It is one line and exit 130 like an interrupt anywhere else."""
+    import pyrovae.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["train", "--help"]) == 130
+    assert one_line(capsys.readouterr().err) == "pyrovae: interrupted"
+
+
 def test_a_signal_during_interpreter_shutdown_ends_with_the_commands_code_and_no_traceback():
     """The CLI has finished (its run saved, its last line printed) when a second Ctrl-C lands in an exit handler
     (torch's, in the case seen): the process ends at once with the command's exit code and nothing on stderr.

@@ -47,26 +47,31 @@ def _note(message, category, filename, lineno, file=None, line=None) -> None:
     sys.stderr.write(f"pyrovae: {kind}: {str(message).splitlines()[0] if str(message) else category.__name__}\n")
 
 
+def _who(args) -> str:
+    """The prefix of an error line: the command, once it is parsed."""
+    return f"pyrovae {args.command}" if args is not None else "pyrovae"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``pyrovae`` command; a library error is one line on stderr and a non-zero exit code."""
     logging.getLogger("pyro").setLevel(logging.WARNING)  # Pyro logs its max_plate_nesting guesses at INFO
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # a scheduler's stop = Ctrl-C
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # for --nproc, which runs this command again
-    keep_freed_memory()  # a process-wide malloc setting: the command line's to make, not the library's
-    try:
+    args = None
+    try:  # parsing too: an interrupt while the parser is built is one line like any other
+        args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # for --nproc, which runs this command again
+        keep_freed_memory()  # a process-wide malloc setting: the command line's to make, not the library's
         with warnings.catch_warnings():
             warnings.showwarning = _note
             return args.func(args)
     except PyrovaeError as exc:
-        sys.stderr.write(f"pyrovae {args.command}: error: {exc}\n")
+        sys.stderr.write(f"{_who(args)}: error: {exc}\n")
         return 1 if isinstance(exc, NonFiniteLoss) else 2
     except OSError as exc:  # a file that cannot be read or written: say which, and why, on one line
         reason = "No space left on device" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
         where = f"{exc.filename}: " if exc.filename else ""
-        sys.stderr.write(f"pyrovae {args.command}: error: {where}{reason}\n")
+        sys.stderr.write(f"{_who(args)}: error: {where}{reason}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("pyrovae: interrupted\n")
