@@ -1,0 +1,551 @@
+"""Annealed importance sampling (Neal 2001) of per-datapoint log p(x), from the guide q(z|x) to p(x, z).
+
+    f_β(z) = q(z|x)^(1-β) p(x, z)^β,   β_0 = 0 < β_1 < ... < β_T = 1,
+    log w = Σ_t (β_t - β_(t-1)) [log p(x, z_(t-1)) - log q(z_(t-1)|x)],   z_0 ~ q(z|x),  z_t ~ HMC_t(z_(t-1))
+
+exp(log w) is unbiased for p(x); log-mean-exp over chains is a stochastic lower bound of log p(x). The latents
+move in unconstrained space (Pyro's ``biject_to`` of each site's support, the Jacobian in the target), by HMC
+with a per-datapoint step size adapted in a short warm-up and then frozen, and a diagonal mass from the guide's
+variance where the guide gives one. Datapoints × chains run in one vectorised call of the program (the chains
+in the particle plate that the importance sweep uses), chunked under the same memory budget. Started at an
+exact posterior draw and run from β = 1 to 0, the same chain gives a stochastic upper bound (Grosse et al. 2015;
+Wu et al. 2017): see :mod:`pyrovae.infer.bdmc`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.distributions.transforms import biject_to
+from pyro.poutine.util import prune_subsample_sites
+
+from ..errors import PyrovaeError
+from ..models.vae import parameters_collected
+from .handlers import off_rng
+from .importance import (
+    _AllocatedBytes,
+    _callable_on_subsets,
+    _inspect,
+    _per_point,
+    _Program,
+    _unscale,
+    chunk_budget_mb,
+)
+from .renyi import PARTICLE_PLATE
+
+TARGET_ACCEPT = 0.65  # Neal (2011): the optimal HMC acceptance rate is about 0.65
+INITIAL_STEP = 0.1  # in units of the guide's standard deviation (preconditioned coordinates)
+SIGMOID_DELTA = 4.0  # Wu et al. (2017) and Grosse et al. (2015): the sigmoid schedule's steepness
+GRAD_MEMORY_FACTOR = 3.0  # a forward kept for the backward, and the backward itself: about 3x the forward's bytes
+
+
+# --------------------------------------------------------------------------------------------- schedule
+def beta_schedule(steps: int, kind: str = "sigmoid") -> torch.Tensor:
+    """β_0 = 0 < ... < β_T = 1 in float64: ``sigmoid`` (more steps near 0 and 1) or ``linear``."""
+    if steps < 1:
+        raise PyrovaeError(f"the number of annealing steps must be at least 1, got {steps}")
+    t = torch.linspace(-SIGMOID_DELTA, SIGMOID_DELTA, steps + 1, dtype=torch.float64)
+    if kind == "sigmoid":
+        s = torch.sigmoid(t)
+        return (s - s[0]) / (s[-1] - s[0])
+    if kind == "linear":
+        return torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+    raise PyrovaeError(f"unknown annealing schedule {kind!r}; choose sigmoid or linear")
+
+
+# ------------------------------------------------------------------------------------------ the target
+@dataclass
+class _Latents:
+    """The program's latent sites: names, transforms to their supports, event dims, and preconditioning scales."""
+
+    names: list[str]
+    transforms: dict[str, Callable]
+    event_dims: dict[str, int]
+
+
+def _latent_sites(model_tr, guide_tr) -> _Latents:
+    """The continuous latents AIS moves: every sample site of the guide; refuse discrete ones and model-only ones."""
+    names, transforms, event_dims = [], {}, {}
+    for name, site in guide_tr.nodes.items():
+        if site["type"] != "sample" or site["is_observed"]:
+            continue
+        if site["fn"].support.is_discrete:
+            raise PyrovaeError(
+                f"AIS needs continuous latents, but guide site {name!r} is discrete: "
+                "sum it out in the model (enumerate it) or use --method is"
+            )
+        support = model_tr.nodes[name]["fn"].support if name in model_tr.nodes else site["fn"].support
+        names.append(name)
+        transforms[name] = biject_to(support)
+        event_dims[name] = site["fn"].event_dim
+    for name, site in model_tr.nodes.items():
+        if (
+            site["type"] == "sample"
+            and not site["is_observed"]
+            and name not in guide_tr.nodes
+            and site["infer"].get("enumerate") != "parallel"
+        ):
+            raise PyrovaeError(
+                f"AIS needs a guide site for every latent, but model site {name!r} has none "
+                "(enumerate it if it is discrete, or add it to the guide)"
+            )
+    return _Latents(names, transforms, event_dims)
+
+
+def _run(prog: _Program, args: tuple, kwargs: dict, values: dict | None, chains: int | None):
+    """Guide and model traces with log-probs: conditioned on ``values`` if given, else the guide draws them."""
+    plate = pyro.plate(PARTICLE_PLATE, chains, dim=prog.pdim) if chains is not None else nullcontext()
+    guide = poutine.condition(prog.guide, data=values) if values is not None else prog.guide
+    with plate, parameters_collected():
+        guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
+        if values is None:
+            values = {n: s["value"] for n, s in guide_tr.nodes.items() if s["type"] == "sample" and not s["is_observed"]}
+        model = poutine.condition(prog.model, data=values)
+        if prog.enum_dim is not None:
+            model = poutine.enum(model, first_available_dim=prog.enum_dim)
+        model_tr = poutine.trace(model).get_trace(*args, **kwargs)
+    model_tr, guide_tr = prune_subsample_sites(model_tr), prune_subsample_sites(guide_tr)
+    guide_tr.compute_log_prob()
+    model_tr.compute_log_prob()
+    return model_tr, guide_tr
+
+
+def _log_p_q(model_tr, guide_tr, prog: _Program, c: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(x_i, z_ci) (enumerated sites summed out) and log q(z_ci | x_i), each (chains, datapoints)."""
+    log_p = 0.0
+    for site in model_tr.nodes.values():
+        if site["type"] == "sample":
+            lp = _per_point(site["log_prob"], prog.pdim, prog.ddim, c, b, keep_left=True)
+            log_p = log_p + lp / _unscale(site, prog.plate)
+    log_p = torch.as_tensor(log_p)
+    if log_p.dim() > 2:
+        log_p = torch.logsumexp(log_p.reshape(-1, *log_p.shape[-2:]), dim=0)
+    log_q = 0.0
+    for site in guide_tr.nodes.values():
+        if site["type"] == "sample":
+            log_q = log_q + _per_point(site["log_prob"], prog.pdim, prog.ddim, c, b) / _unscale(site, prog.plate)
+    return torch.as_tensor(log_p).expand(c, b), torch.as_tensor(log_q).expand(c, b)
+
+
+@dataclass
+class _State:
+    """Chains at one point: unconstrained latents, log q + log|J|, log p + log|J| and their gradients."""
+
+    u: dict[str, torch.Tensor]
+    lq: torch.Tensor  # (C, B)
+    lp: torch.Tensor  # (C, B)
+    gq: dict[str, torch.Tensor]
+    gp: dict[str, torch.Tensor]
+
+    def log_target(self, beta: float) -> torch.Tensor:
+        return (1 - beta) * self.lq + beta * self.lp
+
+    def grad(self, beta: float) -> dict[str, torch.Tensor]:
+        return {n: (1 - beta) * self.gq[n] + beta * self.gp[n] for n in self.u}
+
+
+class _Target:
+    """The annealing path of one chunk of datapoints: evaluates log q, log p and their gradients in u-space."""
+
+    def __init__(self, prog: _Program, args: tuple, kwargs: dict, latents: _Latents, chains: int | None, b: int):
+        self.prog, self.args, self.kwargs, self.lat = prog, args, kwargs, latents
+        self.chains, self.c, self.b = chains, chains or 1, b
+        self.evaluations = 0  # gradient evaluations of the (chains x datapoints) program
+
+    def state(self, u: dict[str, torch.Tensor]) -> _State:
+        """log q, log p (each + log|J|) and their u-gradients at ``u``: one run of the program, two backward passes."""
+        with torch.enable_grad():
+            u = {n: v.detach().requires_grad_(True) for n, v in u.items()}
+            z, log_j = {}, 0.0
+            for n in self.lat.names:
+                t = self.lat.transforms[n]
+                z[n] = t(u[n])
+                j = t.log_abs_det_jacobian(u[n], z[n])
+                log_j = log_j + _per_point(j, self.prog.pdim, self.prog.ddim, self.c, self.b)
+            model_tr, guide_tr = _run(self.prog, self.args, self.kwargs, z, self.chains)
+            log_p, log_q = _log_p_q(model_tr, guide_tr, self.prog, self.c, self.b)
+            lq, lp = log_q + log_j, log_p + log_j
+            inputs = [u[n] for n in self.lat.names]
+            gq = torch.autograd.grad(lq.sum(), inputs, retain_graph=True, allow_unused=True)
+            gp = torch.autograd.grad(lp.sum(), inputs, allow_unused=True)
+        self.evaluations += 1
+
+        def clean(g, v):
+            return torch.zeros_like(v) if g is None else g.detach()
+
+        return _State(
+            {n: v.detach() for n, v in u.items()},
+            lq.detach(),
+            lp.detach(),
+            {n: clean(g, u[n]) for n, g in zip(self.lat.names, gq)},
+            {n: clean(g, u[n]) for n, g in zip(self.lat.names, gp)},
+        )
+
+    def per_point_to_site(self, t: torch.Tensor, name: str, like: torch.Tensor) -> torch.Tensor:
+        """A (C, B) or (B,) tensor reshaped to broadcast against a site value ``like`` (chain and data dims placed)."""
+        batch = like.dim() - self.lat.event_dims[name]
+        shape = [1] * like.dim()
+        shape[batch + self.prog.ddim] = self.b
+        if t.dim() == 2:
+            if batch + self.prog.pdim >= 0:
+                shape[batch + self.prog.pdim] = t.shape[0]
+            elif t.shape[0] != 1:
+                raise ValueError("chains without a chain dim")
+        return t.reshape(shape)
+
+    def kinetic(self, r: dict[str, torch.Tensor]) -> torch.Tensor:
+        """½ |r|² per (chain, datapoint)."""
+        out = 0.0
+        for n, v in r.items():
+            e = self.lat.event_dims[n]
+            sq = (v * v).sum(list(range(-e, 0))) if e else v * v
+            out = out + _per_point(0.5 * sq, self.prog.pdim, self.prog.ddim, self.c, self.b)
+        return torch.as_tensor(out).expand(self.c, self.b)
+
+
+def _hmc(
+    target: _Target,
+    s: _State,
+    beta: float,
+    step: torch.Tensor,
+    scale: dict[str, torch.Tensor],
+    leapfrog: int,
+) -> tuple[_State, torch.Tensor]:
+    """One HMC transition leaving f_β invariant: ``leapfrog`` steps of size ``step`` (B,) in coordinates u/scale.
+
+    Returns the new state and the acceptance probability of each (chain, datapoint), NaN proposals rejected.
+    """
+    eps = {n: target.per_point_to_site(step, n, v) * scale[n] for n, v in s.u.items()}
+    r = {n: torch.randn_like(v) for n, v in s.u.items()}
+    h0 = -s.log_target(beta) + target.kinetic(r)
+    g = s.grad(beta)
+    p = {n: r[n] + 0.5 * eps[n] * g[n] for n in r}  # in v = u/scale: grad_v = scale * grad_u, dv = step * p
+    new = s
+    for i in range(leapfrog):
+        u = {n: new.u[n] + eps[n] * p[n] for n in p}
+        new = target.state(u)
+        g = new.grad(beta)
+        half = 0.5 if i == leapfrog - 1 else 1.0
+        p = {n: p[n] + half * eps[n] * g[n] for n in p}
+    h1 = -new.log_target(beta) + target.kinetic(p)
+    log_accept = torch.nan_to_num(h0 - h1, nan=-math.inf).clamp(max=0.0)
+    accept_prob = log_accept.exp()
+    accept = torch.rand_like(accept_prob) < accept_prob
+
+    def pick(a: torch.Tensor, b: torch.Tensor, name: str | None = None) -> torch.Tensor:
+        mask = accept if name is None else target.per_point_to_site(accept, name, a)
+        return torch.where(mask, a, b)
+
+    out = _State(
+        {n: pick(new.u[n], s.u[n], n) for n in s.u},
+        pick(new.lq, s.lq),
+        pick(new.lp, s.lp),
+        {n: pick(new.gq[n], s.gq[n], n) for n in s.u},
+        {n: pick(new.gp[n], s.gp[n], n) for n in s.u},
+    )
+    return out, accept_prob
+
+
+# ------------------------------------------------------------------------------------------- one chunk
+def _is_real(c) -> bool:
+    while hasattr(c, "base_constraint"):
+        c = c.base_constraint
+    return c is torch.distributions.constraints.real
+
+
+def _guide_draw(target: _Target) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Unconstrained draws from the guide, and the guide's standard deviation per element where the site is real
+    (the diagonal mass of HMC: the posterior's scales differ by orders of magnitude across a VAE's latents)."""
+    with torch.no_grad():
+        _, guide_tr = _run(target.prog, target.args, target.kwargs, None, target.chains)
+    u, scale = {}, {}
+    for n in target.lat.names:
+        site = guide_tr.nodes[n]
+        u[n] = target.lat.transforms[n].inv(site["value"]).detach()
+        sd = None
+        if _is_real(site["fn"].support):
+            try:
+                sd = site["fn"].variance.detach().sqrt().expand(u[n].shape)
+            except (NotImplementedError, RuntimeError):
+                sd = None
+        ok = sd is not None and bool(torch.isfinite(sd).all()) and bool((sd > 0).all())
+        scale[n] = sd.clamp(min=1e-6).contiguous() if ok else torch.ones_like(u[n])
+    return u, scale
+
+
+def _adapt(
+    target: _Target, leapfrog: int, warmup: int, accept_target: float, beta: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-datapoint step sizes (B,) for f_β: ``warmup`` HMC transitions from guide draws, the log step moved by
+    2/√t × (acceptance − target) after each, averaged over the second half, then frozen."""
+    u, scale = _guide_draw(target)
+    log_step = torch.full((target.b,), math.log(INITIAL_STEP), device=next(iter(u.values())).device)
+    if warmup < 1:
+        return log_step.exp(), scale
+    s, kept = target.state(u), []
+    for w in range(warmup):
+        s, acc = _hmc(target, s, beta, log_step.exp(), scale, leapfrog)
+        log_step = log_step + 2.0 / math.sqrt(w + 1) * (acc.mean(0) - accept_target)
+        if w >= warmup // 2:
+            kept.append(log_step)
+    return torch.stack(kept).mean(0).exp(), scale
+
+
+@dataclass
+class Steps:
+    """Step sizes along the path, per datapoint: adapted at β = 0 (the guide) and β = 1 (the posterior), and in
+    between interpolated as the width of a Gaussian geometric path, ε_β⁻² = (1 − β) ε_0⁻² + β ε_1⁻²."""
+
+    at0: torch.Tensor  # (B,)
+    at1: torch.Tensor  # (B,)
+
+    def __call__(self, beta: float) -> torch.Tensor:
+        return ((1 - beta) * self.at0.pow(-2) + beta * self.at1.pow(-2)).rsqrt()
+
+
+def _adapt_path(target: _Target, leapfrog: int, warmup: int, accept_target: float) -> Steps:
+    """:class:`Steps` from a warm-up at each end of the path (on chains that are then discarded)."""
+    return Steps(
+        _adapt(target, leapfrog, warmup, accept_target, 0.0)[0],
+        _adapt(target, leapfrog, warmup, accept_target, 1.0)[0],
+    )
+
+
+def _anneal(
+    target: _Target,
+    betas: torch.Tensor,
+    steps: Steps,
+    leapfrog: int,
+    start: dict[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One AIS run of every chain: forward from guide draws, or with ``start`` (u-space, exact posterior draws)
+    backward from β = 1 to 0. Returns the log-weights (C, B) and the mean acceptance (B,)."""
+    u, scale = _guide_draw(target)
+    if start is not None:
+        u = {n: start[n].expand_as(u[n]).clone() for n in u}
+        betas = betas.flip(0)
+    s = target.state(u)
+    log_w = torch.zeros(target.c, target.b, dtype=torch.float64, device=s.lp.device)
+    acc_sum = torch.zeros(target.b, device=s.lp.device)
+    for t in range(1, len(betas)):
+        log_w += float(betas[t] - betas[t - 1]) * (s.lp - s.lq).double()
+        if t < len(betas) - 1:  # the last transition would not change the weights
+            beta = float(betas[t])
+            s, acc = _hmc(target, s, beta, steps(beta), scale, leapfrog)
+            acc_sum += acc.mean(0)
+    return log_w, acc_sum / max(len(betas) - 2, 1)
+
+
+# ------------------------------------------------------------------------------------------- public
+@dataclass
+class AnnealedEstimate:
+    """Per-datapoint AIS results (on the CPU): the estimate, its Monte Carlo standard error, the HMC acceptance
+    rate, the effective sample size of the chains' final weights, and the step size each datapoint used."""
+
+    log_likelihood: torch.Tensor  # (N,) log-mean-exp over chains of the AIS weights (reverse: minus that of 1/w)
+    stderr: torch.Tensor  # (N,) delta-method sd(w) / (mean(w) √C)
+    acceptance: torch.Tensor  # (N,)
+    ess: torch.Tensor  # (N,) (Σ w)² / Σ w², between 1 and C
+    step_size: torch.Tensor  # (N,) at β = 1, in units of the guide's standard deviation
+    log_weights: torch.Tensor  # (N, C)
+    steps: int
+    chains: int
+    leapfrog: int
+    evaluations: float  # gradient evaluations of the program per (datapoint, chain), warm-up included
+
+
+def _summarise(log_w: torch.Tensor, sign: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Estimate, standard error and ESS from (N, C) log-weights; ``sign`` -1 for a reverse chain's 1/w."""
+    c = log_w.shape[1]
+    lme = torch.logsumexp(log_w, dim=1) - math.log(c)
+    w = (log_w - log_w.amax(1, keepdim=True)).exp()
+    se = w.std(1) / (w.mean(1) * math.sqrt(c)) if c > 1 else torch.full_like(lme, math.nan)
+    ess = w.sum(1) ** 2 / (w * w).sum(1)
+    return sign * lme, se, ess
+
+
+def _check(steps: int, chains: int, leapfrog: int, warmup: int, accept: float, memory_mb: float | None) -> None:
+    for name, v, low in (("annealing steps", steps, 1), ("chains", chains, 1), ("leapfrog steps", leapfrog, 1)):
+        if v < low:
+            raise PyrovaeError(f"the number of {name} must be at least {low}, got {v}")
+    if warmup < 0:
+        raise PyrovaeError(f"the number of warm-up transitions must be at least 0, got {warmup}")
+    if not 0 < accept < 1:
+        raise PyrovaeError(f"the target acceptance rate must be in (0, 1), got {accept}")
+    if memory_mb is not None and not memory_mb > 0:
+        raise PyrovaeError(f"the memory budget must be positive, got {memory_mb} MB")
+
+
+def _cut(v: torch.Tensor, event_dim: int, ddim: int, start: int, stop: int) -> torch.Tensor:
+    d = v.dim() - event_dim + ddim
+    return v.narrow(d, start, stop - start)
+
+
+def _run_ais(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    *,
+    steps: int,
+    chains: int,
+    leapfrog: int,
+    warmup: int,
+    kind: str,
+    target_accept: float,
+    chain_size: int | None,
+    batch_size: int | None,
+    memory_mb: float | None,
+    data_plate: str | None,
+    latents: dict[str, torch.Tensor] | None,
+) -> tuple[AnnealedEstimate, AnnealedEstimate | None]:
+    """Forward AIS on every datapoint, and with ``latents`` (exact posterior draws) the reverse chains too."""
+    _check(steps, chains, leapfrog, warmup, target_accept, memory_mb)
+    betas = beta_schedule(steps, kind)
+    prog = _inspect(model, guide, args, kwargs, data_plate)
+    with off_rng(prog.device), torch.no_grad():
+        model_tr, guide_tr = _run(prog, *prog.subset(0, min(prog.n, 2)), None, None)
+    lat = _latent_sites(model_tr, guide_tr)
+    if not lat.names:
+        raise PyrovaeError("the guide has no latent sites: log p(x) is exact without AIS (use --method is)")
+    if latents is not None:
+        missing = [n for n in lat.names if n not in latents]
+        if missing:
+            raise PyrovaeError(f"the reverse chains need the true value of every latent; missing {', '.join(missing)}")
+    n = prog.n
+    subsets = (batch_size is None or batch_size < n) and _callable_on_subsets(prog)
+    probe_b = min(n - 1, 8) if subsets else n
+    k0 = min(8 if subsets else 2, chains)
+    per_pair = _probe(prog, probe_b, k0)
+    vectorised = per_pair is not None or k0 == 1
+    if per_pair is None:
+        per_pair = _probe(prog, probe_b, None) or 64.0
+    budget = chunk_budget_mb(memory_mb, prog.device)
+    pairs = max(1, int(budget * 2**20 / (per_pair * GRAD_MEMORY_FACTOR)))
+    cc = min(chains, chain_size or pairs) if vectorised else 1
+    b = min(n, batch_size or max(1, pairs // cc)) if subsets else n
+    fwd: dict[str, list] = {"w": [], "acc": [], "step": []}
+    rev: dict[str, list] = {"w": [], "acc": []}
+    evaluations = 0.0
+    with pyro.validation_enabled(False):
+        for start in range(0, n, b):
+            nb = min(b, n - start)
+            args_b, kwargs_b = prog.subset(start, start + nb)
+            mk = lambda c: _Target(prog, args_b, kwargs_b, lat, c if vectorised else None, nb)  # noqa: E731
+            t0 = mk(cc)
+            step = _adapt_path(t0, leapfrog, warmup, target_accept)
+            evaluations += t0.evaluations * cc * nb
+            for direction, out in (("f", fwd), ("r", rev)):
+                if direction == "r" and latents is None:
+                    continue
+                ws, accs = [], []
+                for c0 in range(0, chains, cc):
+                    target = mk(min(cc, chains - c0))
+                    start_u = None
+                    if direction == "r":
+                        start_u = {
+                            m: lat.transforms[m].inv(_cut(latents[m], lat.event_dims[m], prog.ddim, start, start + nb))
+                            for m in lat.names
+                        }
+                    w, acc = _anneal(target, betas, step, leapfrog, start_u)
+                    ws.append(w)
+                    accs.append(acc * target.c)
+                    evaluations += target.evaluations * target.c * nb
+                out["w"].append(torch.cat(ws).T.cpu())
+                out["acc"].append((sum(accs) / chains).cpu())
+                if direction == "f":
+                    out["step"].append(step.at1.cpu())
+
+    def result(d: dict, sign: float, step_size: list) -> AnnealedEstimate:
+        log_w = torch.cat(d["w"])
+        est, se, ess = _summarise(log_w, sign)
+        return AnnealedEstimate(
+            est.float(),
+            se.float(),
+            torch.cat(d["acc"]),
+            ess.float(),
+            torch.cat(step_size),
+            log_w.float(),
+            steps,
+            chains,
+            leapfrog,
+            evaluations / (n * chains),
+        )
+
+    forward = result(fwd, 1.0, fwd["step"])
+    return forward, (result(rev, -1.0, fwd["step"]) if latents is not None else None)
+
+
+def _probe(prog: _Program, b: int, k: int | None) -> float | None:
+    """Bytes per (chain, datapoint) of one forward run of the program with ``k`` vectorised chains (None: no chain
+    dim); None when the program fails with a chain dim. A CPU has no peak counter: all bytes allocated count."""
+    args, kwargs = prog.subset(0, b)
+    try:
+        with off_rng(prog.device), torch.no_grad():
+            if prog.device.type == "cuda":
+                torch.cuda.synchronize(prog.device)
+                torch.cuda.reset_peak_memory_stats(prog.device)
+                base = torch.cuda.memory_allocated(prog.device)
+                model_tr, guide_tr = _run(prog, args, kwargs, None, k)
+                lp, _ = _log_p_q(model_tr, guide_tr, prog, k or 1, b)
+                used = torch.cuda.max_memory_allocated(prog.device) - base
+            else:
+                with _AllocatedBytes() as counter:
+                    model_tr, guide_tr = _run(prog, args, kwargs, None, k)
+                    lp, _ = _log_p_q(model_tr, guide_tr, prog, k or 1, b)
+                used = counter.total
+    except Exception:  # noqa: BLE001 - the program's shapes do not survive a chain dim
+        return None
+    if k is not None and lp.shape != (k, b):
+        return None
+    return max(float(used), 64.0) / ((k or 1) * b)
+
+
+def annealed_log_likelihood(
+    model: Callable,
+    guide: Callable,
+    *args,
+    num_steps: int = 100,
+    num_chains: int = 8,
+    num_leapfrog: int = 5,
+    warmup: int = 10,
+    schedule: str = "sigmoid",
+    target_accept: float = TARGET_ACCEPT,
+    chain_size: int | None = None,
+    batch_size: int | None = None,
+    memory_mb: float | None = None,
+    data_plate: str | None = None,
+    **kwargs,
+) -> AnnealedEstimate:
+    """AIS estimate of log p(x_i) per datapoint, from the guide to the posterior, with its diagnostics.
+
+    Takes the program's arguments as :func:`pyrovae.infer.importance.log_likelihood` does (latents local to the
+    data plate, continuous; enumerated model sites summed out). ``num_chains`` independent chains per datapoint,
+    ``num_steps`` annealing steps on the ``schedule``, each one HMC transition of ``num_leapfrog`` leapfrog steps
+    whose size is adapted per datapoint in ``warmup`` transitions towards ``target_accept``. ``chain_size`` chains
+    and ``batch_size`` datapoints per call (default: the most under ``memory_mb``). Draws from torch's global RNG.
+    """
+    forward, _ = _run_ais(
+        model,
+        guide,
+        args,
+        kwargs,
+        steps=num_steps,
+        chains=num_chains,
+        leapfrog=num_leapfrog,
+        warmup=warmup,
+        kind=schedule,
+        target_accept=target_accept,
+        chain_size=chain_size,
+        batch_size=batch_size,
+        memory_mb=memory_mb,
+        data_plate=data_plate,
+        latents=None,
+    )
+    return forward
