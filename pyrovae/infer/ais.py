@@ -105,7 +105,9 @@ def _run(prog: _Program, args: tuple, kwargs: dict, values: dict | None, chains:
     with plate, parameters_collected():
         guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
         if values is None:
-            values = {n: s["value"] for n, s in guide_tr.nodes.items() if s["type"] == "sample" and not s["is_observed"]}
+            values = {
+                n: s["value"] for n, s in guide_tr.nodes.items() if s["type"] == "sample" and not s["is_observed"]
+            }
         model = poutine.condition(prog.model, data=values)
         if prog.enum_dim is not None:
             model = poutine.enum(model, first_available_dim=prog.enum_dim)
@@ -437,30 +439,28 @@ def _run_ais(
         for start in range(0, n, b):
             nb = min(b, n - start)
             args_b, kwargs_b = prog.subset(start, start + nb)
-            mk = lambda c: _Target(prog, args_b, kwargs_b, lat, c if vectorised else None, nb)  # noqa: E731
-            t0 = mk(cc)
-            step = _adapt_path(t0, leapfrog, warmup, target_accept)
+            t0 = _Target(prog, args_b, kwargs_b, lat, cc if vectorised else None, nb)
+            steps_b = _adapt_path(t0, leapfrog, warmup, target_accept)
             evaluations += t0.evaluations * cc * nb
-            for direction, out in (("f", fwd), ("r", rev)):
-                if direction == "r" and latents is None:
+            fwd["step"].append(steps_b.at1.cpu())
+            for out, reverse in ((fwd, False), (rev, True)):
+                if reverse and latents is None:
                     continue
-                ws, accs = [], []
+                true_u = None
+                if reverse:
+                    true_u = {
+                        m: lat.transforms[m].inv(_cut(latents[m], lat.event_dims[m], prog.ddim, start, start + nb))
+                        for m in lat.names
+                    }
+                ws, acc = [], 0.0
                 for c0 in range(0, chains, cc):
-                    target = mk(min(cc, chains - c0))
-                    start_u = None
-                    if direction == "r":
-                        start_u = {
-                            m: lat.transforms[m].inv(_cut(latents[m], lat.event_dims[m], prog.ddim, start, start + nb))
-                            for m in lat.names
-                        }
-                    w, acc = _anneal(target, betas, step, leapfrog, start_u)
+                    target = _Target(prog, args_b, kwargs_b, lat, min(cc, chains - c0) if vectorised else None, nb)
+                    w, a = _anneal(target, betas, steps_b, leapfrog, true_u)
                     ws.append(w)
-                    accs.append(acc * target.c)
+                    acc = acc + a * target.c / chains
                     evaluations += target.evaluations * target.c * nb
                 out["w"].append(torch.cat(ws).T.cpu())
-                out["acc"].append((sum(accs) / chains).cpu())
-                if direction == "f":
-                    out["step"].append(step.at1.cpu())
+                out["acc"].append(acc.cpu())
 
     def result(d: dict, sign: float, step_size: list) -> AnnealedEstimate:
         log_w = torch.cat(d["w"])
