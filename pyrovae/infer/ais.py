@@ -15,6 +15,7 @@ Wu et al. 2017): see :mod:`pyrovae.infer.bdmc`.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -426,6 +427,12 @@ def _run_ais(
     k0 = min(8 if subsets else 2, chains)
     per_pair = _probe(prog, probe_b, k0)
     vectorised = per_pair is not None or k0 == 1
+    if not vectorised:
+        warnings.warn(
+            "the program fails with a chain dim (does a net flatten its input's leading dims?): "
+            "AIS runs one chain per call, which is slower",
+            stacklevel=3,
+        )
     if per_pair is None:
         per_pair = _probe(prog, probe_b, None) or 64.0
     budget = chunk_budget_mb(memory_mb, prog.device)
