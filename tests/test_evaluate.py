@@ -347,3 +347,35 @@ def test_cli_evaluate_errors(tmp_path, capsys):
         main(["evaluate", str(tmp_path), "--k", "0"])
     assert exc.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_cli_evaluate_ais_and_bdmc_side_by_side(tiny_run, capsys):
+    # --method bdmc runs IS, AIS on the same images and the BDMC sandwich on simulated ones; every number is
+    # written beside what checks it (k̂, the AIS standard error and acceptance, the BDMC gap).
+    argv = ["evaluate", str(tiny_run), "--k", "40", "--n", "12", "--device", "cpu", "--method", "bdmc"]
+    code = main([*argv, "--steps", "5", "--chains", "2", "--leapfrog", "2", "--bdmc-n", "6"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "AIS log p(x)" in out and "BDMC gap" in out
+    s = json.loads((tiny_run / "eval.json").read_text())
+    assert s["method"] == "bdmc"
+    a, b = s["ais"], s["bdmc"]
+    assert (a["steps"], a["chains"], a["leapfrog"], b["n"]) == (5, 2, 2, 6)
+    for key in ("log_likelihood", "mc_stderr", "acceptance", "ess", "minus_is", "minus_is_sem", "differ_frac"):
+        assert math.isfinite(a[key]), key
+    assert 0 <= a["acceptance"] <= 1 and b["upper"] >= b["lower"] - 5.0
+    md = (tiny_run / "eval.md").read_text()
+    assert "k̂ > 0.7 for" in md and "AIS, 5 steps" in md and "BDMC on 6 simulated images" in md
+    idata = az.from_netcdf(tiny_run / "eval.nc")
+    assert idata.evaluation["ais_log_likelihood"].shape == (12,)
+    assert idata.evaluation["bdmc_gap"].shape == (6,)
+    assert (tiny_run / "ais_vs_is.png").stat().st_size > 0
+
+
+def test_cli_evaluate_rejects_a_bad_method(tiny_run, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", str(tiny_run), "--method", "mcmc"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(tiny_run), "--method", "ais", "--steps", "0"])

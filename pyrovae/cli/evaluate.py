@@ -7,14 +7,14 @@ from pathlib import Path
 
 from ..reports.markdown import fmt
 from ..tasks.evaluate import evaluate_run
-from .options import add_device_option, add_evaluation_options, run_dir_argument
+from .options import add_annealing_options, add_device_option, add_evaluation_options, positive_int, run_dir_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``pyrovae evaluate``."""
     e = sub.add_parser(
         "evaluate",
-        help="importance-sampled log p(x), ELBO, bits/dim, Pareto k̂ and figures of a trained run",
+        help="log p(x) by importance sampling (with k̂), AIS and BDMC; ELBO, bits/dim and figures of a trained run",
         description="Evaluate a trained run; writes RUN_DIR/eval.json, eval.md, eval.nc and figures.",
     )
     run_dir_argument(e, "pyrovae train --out")
@@ -27,6 +27,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         memory_mb=None,
         memory_help="memory budget per model call (default 1024)",
         batch_size_help="images per model call (default: from --memory-mb)",
+    )
+    add_annealing_options(e)
+    e.add_argument(
+        "--bdmc-n",
+        type=positive_int,
+        default=100,
+        help="with --method bdmc: images simulated from the model for the sandwich (default 100)",
     )
     add_device_option(e)
     e.add_argument("--no-figures", action="store_true", help="skip the figures")
@@ -46,6 +53,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device=args.device,
         figures=not args.no_figures,
         quiet=args.quiet,
+        method=args.method,
+        steps=args.steps,
+        chains=args.chains,
+        leapfrog=args.leapfrog,
+        bdmc_n=args.bdmc_n,
     )
     if not args.quiet:
         bpd = f", {s['bits_per_dim']:.4f} bits/dim" if s["bits_per_dim"] is not None else ""
@@ -54,4 +66,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"nats/image over {s['n']} {s['split']} images (K={s['k']}); k̂ > 0.7 for "
             f"{fmt(s['khat_bad'], '.1%')}; written to {Path(args.run_dir) / 'eval.json'}"
         )
+        if "ais" in s:
+            a = s["ais"]
+            print(
+                f"AIS log p(x) {a['log_likelihood']:.2f} ± {fmt(a['log_likelihood_sem'])} (Monte Carlo s.e. "
+                f"{a['mc_stderr']:.3f}, acceptance {a['acceptance']:.2f}); AIS − IS {a['minus_is']:.3f} ± "
+                f"{fmt(a['minus_is_sem'], '.3f')}"
+            )
+        if "bdmc" in s:
+            b = s["bdmc"]
+            print(f"BDMC gap {b['gap']:.3f} ± {fmt(b['gap_sem'], '.3f')} nats/image on {b['n']} simulated images")
     return 0

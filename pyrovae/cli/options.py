@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 from ..data import BINARIZE, DATASETS
 from ..infer import ESTIMATORS
+from ..infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG, DEFAULT_STEPS
 from ..nn.likelihoods import LIKELIHOODS
 from ..nn.nets import ACTIVATIONS, PRESETS
 from ..runs import MAX_SEED
@@ -245,6 +246,29 @@ def add_evaluation_options(
     if batch_size_help is not None:
         p.add_argument("--batch-size", type=positive_int, help=batch_size_help)
     p.add_argument("--memory-mb", type=positive_float, default=memory_mb, help=memory_help)
+
+
+def add_annealing_options(p: Group, methods: Sequence[str] = ("is", "ais", "bdmc")) -> None:
+    """The estimator of log p(x) and the AIS schedule: --method, --steps, --chains, --leapfrog."""
+    what = {"is": "importance sampling", "ais": "and AIS", "bdmc": "and the BDMC sandwich on simulated images"}
+    p.add_argument(
+        "--method",
+        choices=list(methods),
+        default="is",
+        help="log p(x) by " + ", ".join(f"{m}: {what[m]}" for m in methods) + " (default is)",
+    )
+    p.add_argument(
+        "--steps", type=positive_int, default=DEFAULT_STEPS, help=f"AIS annealing steps (default {DEFAULT_STEPS})"
+    )
+    p.add_argument(
+        "--chains", type=positive_int, default=DEFAULT_CHAINS, help=f"AIS chains per image (default {DEFAULT_CHAINS})"
+    )
+    p.add_argument(
+        "--leapfrog",
+        type=positive_int,
+        default=DEFAULT_LEAPFROG,
+        help=f"leapfrog steps per HMC transition (default {DEFAULT_LEAPFROG})",
+    )
 
 
 def run_dir_argument(p: Group, made_by: str) -> None:

@@ -43,6 +43,7 @@ from .renyi import PARTICLE_PLATE
 TARGET_ACCEPT = 0.65  # Neal (2011): the optimal HMC acceptance rate is about 0.65
 INITIAL_STEP = 0.1  # in units of the guide's standard deviation (preconditioned coordinates)
 SIGMOID_DELTA = 4.0  # Wu et al. (2017) and Grosse et al. (2015): the sigmoid schedule's steepness
+DEFAULT_STEPS, DEFAULT_CHAINS, DEFAULT_LEAPFROG, DEFAULT_WARMUP = 100, 8, 5, 10
 GRAD_MEMORY_FACTOR = 3.0  # a forward kept for the backward, and the backward itself: about 3x the forward's bytes
 
 
@@ -518,10 +519,10 @@ def annealed_log_likelihood(
     model: Callable,
     guide: Callable,
     *args,
-    num_steps: int = 100,
-    num_chains: int = 8,
-    num_leapfrog: int = 5,
-    warmup: int = 10,
+    num_steps: int = DEFAULT_STEPS,
+    num_chains: int = DEFAULT_CHAINS,
+    num_leapfrog: int = DEFAULT_LEAPFROG,
+    warmup: int = DEFAULT_WARMUP,
     schedule: str = "sigmoid",
     target_accept: float = TARGET_ACCEPT,
     chain_size: int | None = None,

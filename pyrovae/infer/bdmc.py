@@ -16,7 +16,15 @@ import torch
 from pyro.poutine.util import prune_subsample_sites
 
 from ..models.vae import parameters_collected
-from .ais import TARGET_ACCEPT, AnnealedEstimate, _run_ais
+from .ais import (
+    DEFAULT_CHAINS,
+    DEFAULT_LEAPFROG,
+    DEFAULT_STEPS,
+    DEFAULT_WARMUP,
+    TARGET_ACCEPT,
+    AnnealedEstimate,
+    _run_ais,
+)
 
 
 @dataclass
@@ -46,10 +54,10 @@ def bdmc(
     guide: Callable,
     *args,
     latents: dict[str, torch.Tensor],
-    num_steps: int = 100,
-    num_chains: int = 8,
-    num_leapfrog: int = 5,
-    warmup: int = 10,
+    num_steps: int = DEFAULT_STEPS,
+    num_chains: int = DEFAULT_CHAINS,
+    num_leapfrog: int = DEFAULT_LEAPFROG,
+    warmup: int = DEFAULT_WARMUP,
     schedule: str = "sigmoid",
     target_accept: float = TARGET_ACCEPT,
     chain_size: int | None = None,
