@@ -54,6 +54,15 @@ def test_compare_end_to_end_and_from_run_folders(tmp_path, representation):
     s2 = json.loads((again / "compare.json").read_text())
     assert s2["models"]["gmm"]["log_likelihood"] == pytest.approx(gmm["log_likelihood"], rel=1e-6)
     assert s2["models"]["vae"]["log_likelihood"] == pytest.approx(vae["log_likelihood"], rel=1e-6)
+    assert "k̂ > 0.7 for" in (out / "compare.md").read_text()  # every IS number beside its share of bad k̂
+    if representation == "binary":  # --method ais: the VAE's row by AIS, labelled, with its IS number beside it
+        ais_out = tmp_path / "ais"
+        ais = ["--method", "ais", "--steps", "3", "--chains", "2", "--leapfrog", "2", "--out", str(ais_out)]
+        assert main(["compare", *QUICK, "--representation", representation, *args[:4], "--no-figures", *ais]) == 0
+        row = json.loads((ais_out / "compare.json").read_text())["models"]["vae"]
+        assert row["estimator"] == "ais" and row["likelihood_kind"].startswith("AIS, 3 steps x 2 chains")
+        assert row["importance_sampled"]["log_likelihood"] == pytest.approx(vae["log_likelihood"], rel=1e-6)
+        assert "IS K=40" in (ais_out / "compare.md").read_text()
 
 
 def test_compare_refuses_mismatched_runs_and_overwrites(tmp_path):

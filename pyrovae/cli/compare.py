@@ -6,7 +6,14 @@ import argparse
 from pathlib import Path
 
 from ..tasks.compare import REPRESENTATIONS, CompareOptions, run_compare
-from .options import add_data_options, add_device_option, add_evaluation_options, positive_int, seed
+from .options import (
+    add_annealing_options,
+    add_data_options,
+    add_device_option,
+    add_evaluation_options,
+    positive_int,
+    seed,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         memory_help="memory bound of the evaluation",
         split=False,
     )
+    add_annealing_options(p, methods=("is", "ais"))
     add_device_option(p)
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
@@ -71,6 +79,10 @@ def compare_options(args: argparse.Namespace) -> CompareOptions:
         k=args.k,
         n=args.n,
         memory_mb=args.memory_mb,
+        method=args.method,
+        steps=args.steps,
+        chains=args.chains,
+        leapfrog=args.leapfrog,
         device=args.device,
         seed=args.seed,
         overwrite=args.overwrite,
@@ -84,7 +96,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     s = run_compare(compare_options(args))
     vae, gmm = s["models"]["vae"], s["models"]["gmm"]
     print(
-        f"{s['representation']}: VAE log p(x) {vae['log_likelihood']:.2f} vs mixture {gmm['log_likelihood']:.2f} "
-        f"nats/image; see {Path(args.out) / 'compare.md'}"
+        f"{s['representation']}: VAE log p(x) {vae['log_likelihood']:.2f} ({vae['likelihood_kind']}) vs mixture "
+        f"{gmm['log_likelihood']:.2f} nats/image; see {Path(args.out) / 'compare.md'}"
     )
     return 0

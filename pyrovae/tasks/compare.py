@@ -31,8 +31,9 @@ from pyro.poutine.util import site_is_subsample
 from ..config import DataConfig, MixtureConfig, RunConfig, TrainingConfig, with_options
 from ..errors import PyrovaeError
 from ..files import remove_files, write_json, write_text
+from ..infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG, DEFAULT_STEPS, annealed_log_likelihood
 from ..infer.handlers import off_rng
-from ..infer.importance import ACTIVE_THRESHOLD, bits_per_dim, evaluate_points
+from ..infer.importance import ACTIVE_THRESHOLD, bits_per_dim, evaluate_points, khat_summary
 from ..models.gmm import GMM
 from ..reports.markdown import fmt, markdown_table
 from ..runs import load_module_state, read_config, record_config, resolve_device, train_vae
@@ -158,6 +159,10 @@ def compare(
     notes: Sequence[str] = (),
     title: str | None = None,
     progress: bool = False,
+    method: str = "is",
+    steps: int = DEFAULT_STEPS,
+    chains: int = DEFAULT_CHAINS,
+    leapfrog: int = DEFAULT_LEAPFROG,
 ) -> dict[str, Any]:
     """Score fitted programs on the same test data by the same code; with ``out``, write compare.json and compare.md.
 
@@ -165,10 +170,14 @@ def compare(
     Each gets per-image log p(x) (exact with one draw when its guide has no latent, else importance-sampled
     with ``k`` draws), the ELBO and bits/dim; with ``labels``, clustering scores: from ``Fitted.clusters``, a
     model's ``assign``, or a mixture fitted on its posterior means (active units). ``notes`` end the report;
-    ``title`` heads it (default: the names joined by "vs").
+    ``title`` heads it (default: the names joined by "vs"). With ``method`` ``ais``, a model with latents is scored
+    by AIS (``steps``, ``chains``, ``leapfrog``) and its IS estimate and k̂ are kept beside it; every row says which
+    estimator gave its number, and every IS number comes with the share of images whose k̂ > 0.7.
     """
     if not models:
         raise PyrovaeError("compare needs at least one fitted program")
+    if method not in ("is", "ais"):
+        raise PyrovaeError(f"unknown method {method!r} for compare; choose is or ais")
     fitted = {name: as_fitted(name, entry) for name, entry in models.items()}
     y = None if labels is None else np.asarray(torch.as_tensor(labels).cpu())
     n_test, dims = len(x), int(x[0].numel())
@@ -185,18 +194,44 @@ def compare(
             reference = f.owner.log_prob(x).detach().cpu().double()
             if not torch.allclose(log_p, reference, rtol=1e-4, atol=1e-2):
                 raise PyrovaeError(f"internal check failed: {name}'s one-draw and exact log p(x) differ")
+        khat_bad = None if exact else khat_summary(res.khat)["khat_bad"]
         row: dict[str, Any] = {
             "model": f.description or name,
             "log_likelihood": float(log_p.mean()),
             "log_likelihood_sem": float(log_p.std() / math.sqrt(n_test)) if n_test > 1 else None,
             "elbo": float(res.elbo.double().mean()),
             "bits_per_dim": bits_per_dim(log_p.mean(), dims, bits_per_dim_kind),
+            "estimator": "exact" if exact else "is",
+            "khat_bad": khat_bad,
             "likelihood_kind": "exact" if exact else f"importance-sampled, K={k}",
             "clustering": None,
             "parameters": f.parameters,
             "train_seconds": f.train_seconds,
             "eval_seconds": time.perf_counter() - t0,
         }
+        if method == "ais" and not exact:
+            a = annealed_log_likelihood(
+                f.model,
+                f.guide,
+                x,
+                *f.args,
+                num_steps=steps,
+                num_chains=chains,
+                num_leapfrog=leapfrog,
+                memory_mb=memory_mb,
+            )
+            ais_lp = a.log_likelihood.double()
+            row["importance_sampled"] = {"k": k, "log_likelihood": row["log_likelihood"], "khat_bad": khat_bad}
+            row.update(
+                estimator="ais",
+                log_likelihood=float(ais_lp.mean()),
+                log_likelihood_sem=float(ais_lp.std() / math.sqrt(n_test)) if n_test > 1 else None,
+                bits_per_dim=bits_per_dim(ais_lp.mean(), dims, bits_per_dim_kind),
+                likelihood_kind=f"AIS, {steps} steps x {chains} chains x {leapfrog} leapfrog",
+                ais_mc_stderr=float(a.stderr.double().nan_to_num(0.0).pow(2).sum().sqrt() / n_test),
+                ais_acceptance=float(a.acceptance.double().mean()),
+                eval_seconds=time.perf_counter() - t0,
+            )
         if y is not None:
             clusters, source = _clusters(f, x, res.z_mean, len(np.unique(y)), seed)
             if clusters is not None:
@@ -209,6 +244,7 @@ def compare(
         "n_train": n_train,
         "n_test": n_test,
         "k": k,
+        "method": method,
         "settings": settings or {},
         "models": rows,
         "notes": list(notes),
@@ -267,6 +303,10 @@ class CompareOptions:
     k: int = 1000
     n: int | None = None
     memory_mb: float = 1024.0
+    method: str = "is"  # is, or ais: the VAE scored by AIS, IS kept beside it
+    steps: int = DEFAULT_STEPS
+    chains: int = DEFAULT_CHAINS
+    leapfrog: int = DEFAULT_LEAPFROG
     device: str = "auto"
     seed: int = 0
     overwrite: bool = False
@@ -375,6 +415,10 @@ def run_compare(options: CompareOptions) -> dict[str, Any]:
         ],
         title="VAE vs mixture",
         progress=not options.quiet,
+        method=options.method,
+        steps=options.steps,
+        chains=options.chains,
+        leapfrog=options.leapfrog,
     )
 
     if not options.no_figures:
@@ -439,6 +483,20 @@ def _metric_column(run_dir: Path, column: str) -> list[str]:
     return [row[column] for row in csv.DictReader(open(path))] if path.is_file() else []
 
 
+def _how(r: dict[str, Any]) -> str:
+    """Which estimator gave the row's number, and what checks it: an IS number's share of images with k̂ > 0.7."""
+    how = r["likelihood_kind"]
+    if r.get("estimator") == "is":
+        how += f"; k̂ > 0.7 for {fmt(r.get('khat_bad'), '.1%')}"
+    if r.get("estimator") == "ais":
+        is_ = r["importance_sampled"]
+        how += (
+            f" (MC s.e. {fmt(r['ais_mc_stderr'], '.3f')}, acceptance {fmt(r['ais_acceptance'], '.2f')}); "
+            f"IS K={is_['k']}: {fmt(is_['log_likelihood'])}, k̂ > 0.7 for {fmt(is_['khat_bad'], '.1%')}"
+        )
+    return how
+
+
 def _markdown(s: dict[str, Any]) -> str:
     bpd = {
         "binary": "bits/dim (binary pixels)",
@@ -463,7 +521,7 @@ def _markdown(s: dict[str, Any]) -> str:
         c = r["clustering"] or {}
         rows.append(
             [r["model"], f"{r['log_likelihood']:.2f}", fmt(r["log_likelihood_sem"]), fmt(r["bits_per_dim"], ".4f")]
-            + [r["likelihood_kind"], fmt(c.get("nmi"), ".3f"), fmt(c.get("ari"), ".3f"), fmt(c.get("accuracy"), ".3f")]
+            + [_how(r), fmt(c.get("nmi"), ".3f"), fmt(c.get("ari"), ".3f"), fmt(c.get("accuracy"), ".3f")]
             + [c.get("source", "n/a"), fmt(r["parameters"], ","), fmt(r["train_seconds"], ".0f")]
         )
     lines += [*markdown_table([*header, "parameters", "train s"], rows), ""]
