@@ -20,6 +20,10 @@ _EXPORTS = {  # name -> module: imported on first use, so that `import pyrovae` 
     "evaluate_run": "tasks.evaluate",
     "log_likelihood": "infer.importance",
     "pareto_khat": "infer.importance",
+    "AnnealedEstimate": "infer.ais",
+    "annealed_log_likelihood": "infer.ais",
+    "Sandwich": "infer.bdmc",
+    "bdmc": "infer.bdmc",
     "GMM": "models.gmm",
     "kmeans_pp": "models.gmm",
     "ESTIMATORS": "infer",
@@ -39,6 +43,7 @@ _EXPORTS = {  # name -> module: imported on first use, so that `import pyrovae` 
 }
 
 __all__ = [
+    "AnnealedEstimate",
     "ESTIMATORS",
     "LIKELIHOODS",
     "Callback",
@@ -51,9 +56,12 @@ __all__ = [
     "PyrovaeError",
     "RenyiBound",
     "RunConfig",
+    "Sandwich",
     "TensorData",
     "TrainState",
     "VAE",
+    "annealed_log_likelihood",
+    "bdmc",
     "build_vae",
     "compare",
     "evaluate_elbo",
