@@ -67,6 +67,7 @@ class RenyiBound(ELBO):
         num_particles: int = 2,
         max_plate_nesting: float = float("inf"),
         vectorize_particles: bool = True,
+        strict_enumeration_warning: bool = True,
     ) -> None:
         if alpha == 1:
             raise PyrovaeError("alpha = 1 is the ELBO itself: use the 'trace' or 'meanfield' estimator")
@@ -74,6 +75,7 @@ class RenyiBound(ELBO):
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
             vectorize_particles=vectorize_particles,
+            strict_enumeration_warning=strict_enumeration_warning,
         )
         self.alpha = float(alpha)
 
