@@ -65,12 +65,13 @@ def subsampled(frame) -> bool:
 
 
 class DataScale(Messenger):
-    """Scale sample sites inside the plate named ``plate`` by ``num_data / B``, as if subsampled.
+    """Scale sample sites inside the plate named ``plate`` by ``num_data / F``, as if subsampled from all the data.
 
-    B is the plate's size at the site: the declared one, else (a plate without a size) ``batch_size`` when
-    given, else the site's own size along the plate. The site's frame gets ``size=B, full_size=num_data``, as
-    Pyro's subsampled plates record it, so that estimators that divide the scale back out per datapoint (IWAE,
-    Rényi) see a subsampled plate. A plate that is already subsampled is Pyro's to scale.
+    F is the number of datapoints the plate stands for at the site: its full size where the program subsamples
+    it (a plate of the batch's size with ``subsample_size``: Pyro scales by F / size, this by N / F), else its
+    size (the declared one, or for a plate without a size ``batch_size`` when given, else the site's own size
+    along the plate). The site's frame gets ``full_size=num_data``, as Pyro's subsampled plates record it, so
+    that estimators that divide the scale back out per datapoint (IWAE, Rényi) see a subsampled plate.
     """
 
     def __init__(self, num_data: int, plate: str = DATA_PLATE, batch_size: int | None = None) -> None:
@@ -83,13 +84,12 @@ class DataScale(Messenger):
         stack = msg["cond_indep_stack"]
         for i, f in enumerate(stack):
             if f.name == self.plate:
-                if subsampled(f):
-                    return
                 size = f.size
                 if size is None or size < 0:
                     size = self.batch_size or frame_size(f, tuple(msg["fn"].batch_shape))
-                if size != self.num_data:
-                    msg["scale"] = msg["scale"] * (self.num_data / size)
+                represented = f.full_size if subsampled(f) else size
+                if represented != self.num_data:
+                    msg["scale"] = msg["scale"] * (self.num_data / represented)
                     frame = f._replace(size=size, full_size=self.num_data)
                     msg["cond_indep_stack"] = stack[:i] + (frame,) + stack[i + 1 :]
                 return
@@ -120,7 +120,7 @@ def find_data_plate(frames: Iterable, batch_size: int | None = None, name: str |
         return name
     if DATA_PLATE in names:
         return DATA_PLATE
-    sized = [f.name for f in frames if f.size == batch_size]
+    sized = [f.name for f in frames if batch_size in (f.size, f.full_size if subsampled(f) else f.size)]
     return sized[0] if sized else None
 
 
@@ -157,11 +157,13 @@ class SiteFrames:
     observed: bool
     factor: bool
     stack: tuple
+    enumerated: bool = False  # marked for enumeration (``infer={"enumerate": ...}``)
 
     @classmethod
     def of(cls, site: dict) -> SiteFrames:
         factor = isinstance(site["fn"], dist.Unit)
-        return cls(site["name"], bool(site["is_observed"]), factor, resolved_stack(site))
+        enumerated = bool(site["infer"].get("enumerate")) and not site["is_observed"]
+        return cls(site["name"], bool(site["is_observed"]), factor, resolved_stack(site), enumerated)
 
 
 def site_frames(*traces: Trace) -> list[SiteFrames]:
@@ -218,11 +220,12 @@ def plan_scale(sites: list[SiteFrames], batch: int | None, num_data: int, plate:
             f"datapoints (plates: {_describe(frames)}); put the data's sites in pyro.plate(\"data\"), "
             f"name the plate with data_plate=, {fix}"
         )
-    if any(f.name == name and subsampled(f) for f in frames):
-        return None
+    represented = {f.full_size if subsampled(f) else f.size for f in frames if f.name == name}
+    if represented == {num_data}:
+        return None  # the program subsamples its plate from all the data itself: Pyro scales it
     for site in sites:
         inside = [f for f in site.stack if f.name == name]
-        if inside and inside[0].size != batch:
+        if inside and (inside[0].full_size if subsampled(inside[0]) else inside[0].size) != batch:
             raise PyrovaeError(
                 f"cannot scale minibatches of {batch} of {num_data} datapoints: site {site.name!r} has "
                 f"{inside[0].size} along the data plate {name!r}, not one entry per datapoint of the batch; "

@@ -140,7 +140,9 @@ class MeanField(_OnDevice, TraceMeanField_ELBO):
                 check_fully_reparametrized(guide_site)
             try:
                 kl = kl_divergence(guide_site["fn"], model_site["fn"])
-                losses.append(scale_and_mask(kl, scale=guide_site["scale"], mask=guide_site["mask"]).sum())
+                kl = scale_and_mask(kl, scale=guide_site["scale"], mask=guide_site["mask"])
+                # a float where Pyro's KL knows the answer without a tensor (masked out: 0.0), per batch element
+                losses.append(kl.sum() if torch.is_tensor(kl) else kl * guide_site["fn"].batch_shape.numel())
             except NotImplementedError:
                 gains.append(log_prob_sum(model_site))
                 losses.append(score_parts(guide_site).entropy_term.sum())

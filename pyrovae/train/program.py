@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager, nullcontext
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.infer import ELBO
+from pyro.infer import ELBO, TraceEnum_ELBO
 
 from ..data import Batch, Dataset, as_call, batch_length
 from ..errors import PyrovaeError
@@ -54,6 +54,18 @@ def _collect_params(loss_fn: Callable[[], torch.Tensor]) -> tuple[list[str], lis
     return names, params
 
 
+def _check_enumeration(sites: list, estimator: ELBO) -> None:
+    """Refuse sites marked for enumeration unless the estimator enumerates them (Pyro's TraceEnum_ELBO)."""
+    if isinstance(estimator, TraceEnum_ELBO):
+        return
+    marked = [site.name for site in sites if site.enumerated]
+    if marked:
+        raise PyrovaeError(
+            f"site {marked[0]!r} is marked for enumeration, which {type(estimator).__name__} does not do (it would "
+            "draw it instead of summing it out): train with elbo=pyro.infer.TraceEnum_ELBO(max_plate_nesting=...)"
+        )
+
+
 class Program:
     """``loss(batch, beta)``: the estimator's loss of one minibatch (minibatch-scaled, latents scaled by ``beta``).
 
@@ -80,8 +92,17 @@ class Program:
         self.extra = [bind_num_data(m, g, n) for m, g in extra]
         self.scale: DataScale | None = None  # set from the probe's plates; None where Pyro scales
         probe = data.batch(torch.arange(min(batch_size, n), device=self.device))
-        with pyro.validation_enabled(True), off_rng(self.device), PlateRecorder() as plates:
-            names, params = _collect_params(lambda: self.loss(probe, 1.0))
+        plates = PlateRecorder()
+        try:
+            with pyro.validation_enabled(True), off_rng(self.device), plates:
+                names, params = _collect_params(lambda: self.loss(probe, 1.0))
+        except NotImplementedError as e:  # Pyro's way of saying an estimator cannot treat this program
+            _check_enumeration(plates.sites, estimator)
+            raise PyrovaeError(f"{type(estimator).__name__} cannot train this program: {e}") from e
+        except Exception:
+            _check_enumeration(plates.sites, estimator)  # a site the estimator cannot treat explains the failure
+            raise
+        _check_enumeration(plates.sites, estimator)
         b = batch_length(probe)
         self.scale = plan_scale(plates.sites, b, n, data_plate)
         self.plate_name = find_data_plate(plates.frames, b, data_plate)
