@@ -441,3 +441,39 @@ def test_renyi_bound_equals_pyros_renyi_elbo_on_one_datapoint(case_cls):
         pyro.clear_param_store()
         ours = svi_run(case_cls(), RenyiBound(0.5, 3, max_plate_nesting=case.nesting), data, STEPS, 1)
     assert_same(ours, theirs)
+
+
+def test_extra_loss_terms_equal_svi_on_the_programs_run_together():
+    # fit(..., extra=[(m2, g2)]) adds m2/g2's loss to the main pair's on every step: the same as SVI on one program
+    # that runs both (their sites are distinct), on minibatches of 4 of 12 with the unsized plate of Pyro's examples.
+    case = CASES[1]()  # UnsizedPlate
+    data = case.data(12)
+
+    def aux_model(x):
+        c = pyro.param("c", torch.tensor(0.3))
+        with pyro.plate("data"):
+            pyro.sample("x0", pyro.distributions.Normal(c, 1.0).expand([len(x)]), obs=x[:, 0])
+
+    def aux_guide(x):
+        pass
+
+    ref = type(case)(full=12)
+
+    def aux_ref(x):  # Pyro's own scale for 4 of 12 (a second subsampled plate named "data" would clash)
+        c = pyro.param("c", torch.tensor(0.3))
+        with pyro.plate("aux", len(x)), poutine.scale(scale=12 / len(x)):
+            pyro.sample("x0", pyro.distributions.Normal(c, 1.0).expand([len(x)]), obs=x[:, 0])
+
+    class Together(Case):
+        def model(self, x):
+            ref.model(x)
+            aux_ref(x)
+
+        def guide(self, x):
+            ref.guide(x)
+
+    theirs = svi_run(Together(), Trace_ELBO(), data, 2, 4)
+    pyro.clear_param_store()
+    ours = fit_run(case, data, 2, 4, elbo="trace", extra=[(aux_model, aux_guide)])
+    assert "c" in ours[1]
+    assert_same(ours, theirs)
