@@ -1,4 +1,5 @@
-"""Data-parallel training over processes started by torchrun: process group, sharding, gradient sync.
+"""Data-parallel training over processes started by torchrun or by :func:`launch` (``pyrovae train --nproc``):
+process group, sharding, gradient sync, and how a run of several workers ends (:func:`outcome`).
 
 How :func:`pyrovae.fit` uses it when a process group of several ranks is up (``torchrun`` or
 ``pyrovae train --nproc N``): every rank holds the whole dataset on its own device (``cuda:LOCAL_RANK``

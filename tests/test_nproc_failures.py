@@ -171,7 +171,8 @@ def test_an_interrupt_is_one_line_exit_130_and_the_run_resumes(tmp_path, referen
     assert proc.returncode == 130, err
     assert one_line(err) == f"interrupted: checkpoint saved in {out}; continue with: pyrovae train --out {out} --resume"
     assert_whole(out)
-    assert_resumes_like(out, reference)
+    if how.startswith("ctrl-c"):  # the workers stop alike on either signal (the launcher passes it on): resume once
+        assert_resumes_like(out, reference)
 
 
 def test_a_hung_worker_stops_the_run_within_the_peer_timeout(tmp_path):

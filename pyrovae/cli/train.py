@@ -1,4 +1,5 @@
-"""``pyrovae train``: options to a run config, then :func:`pyrovae.training.train_run` (or torchrun)."""
+"""``pyrovae train``: options to a run config, then :func:`pyrovae.training.train_run` (with ``--nproc``:
+:func:`pyrovae.training.train_parallel`, whose workers run this command again)."""
 
 from __future__ import annotations
 
