@@ -132,7 +132,7 @@ def peer_failures(timeout: float = DEFAULT_TIMEOUT) -> Iterator[None]:
             raise PeerLost(f"{me} waited more than {timeout:g} s for another worker (one hung or died)") from None
         if isinstance(exc, dist.DistError) or any(sign in text for sign in _PEER_SIGNS):
             reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            reason = reason.rsplit("] ", 1)[-1][:120]  # gloo's messages start with their source line
+            reason = reason.rsplit("] ", 1)[-1].split(". ")[0][:160]  # gloo's start with their source line
             raise PeerLost(f"{me} lost contact with another worker ({reason})") from None
         raise
 

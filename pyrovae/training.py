@@ -66,7 +66,11 @@ def train_run(
                 )
             finished = True
         finally:
-            distributed.teardown(wait=finished)  # after a failure a peer may be dead: no barrier
+            try:
+                distributed.teardown(wait=finished)  # after a failure a peer may be dead: no barrier
+            except KeyboardInterrupt:  # torchrun stopping the survivors of a lost worker: keep the error that says why
+                if finished:
+                    raise
     return cfg, result
 
 

@@ -252,3 +252,27 @@ def test_outcome_tells_a_shared_error_once_with_its_exit_code():
     out = ddp.outcome([_exit(0, 130), _exit(1, 130)])  # rank 0 printed its own line
     assert (out.code, out.lines) == (130, ())
     assert ddp.outcome([_exit(0, 0), _exit(1, 0)]).code == 0
+
+
+def test_a_failed_collective_becomes_one_line_naming_the_worker(monkeypatch):
+    from pyrovae.errors import PeerLost
+
+    gloo = "[../gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:4: Connection reset by peer. This is typically"
+    with pytest.raises(RuntimeError, match="Connection reset"):  # one process: not a peer's failure, left as it is
+        with ddp.peer_failures():
+            raise RuntimeError(gloo)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    me = rf"worker 1 \(pid {os.getpid()}\)"
+    with pytest.raises(
+        PeerLost, match=rf"^{me} lost contact with another worker \(Read error \S+ Connection reset by peer\)$"
+    ):
+        with ddp.peer_failures():
+            raise RuntimeError(gloo)
+    with pytest.raises(PeerLost, match=rf"^{me} waited more than 7 s for another worker \(one hung or died\)$"):
+        with ddp.peer_failures(7):
+            raise RuntimeError("[gloo] Timed out waiting 7000ms for recv operation to complete")
+    with pytest.raises(RuntimeError, match="^a bug$"):  # not the group's: passes unchanged
+        with ddp.peer_failures():
+            raise RuntimeError("a bug")
