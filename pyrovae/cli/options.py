@@ -217,7 +217,7 @@ def add_run_options(p: argparse.ArgumentParser, out: str, *, nproc: bool = False
         g.add_argument(
             "--nproc",
             type=int,
-            help="train data-parallel in N processes on this node via torchrun (one per GPU, or gloo on CPU); "
+            help="train data-parallel in N processes on this node (one per GPU, or gloo on CPU); "
             "--batch-size is per process",
         )
         g.add_argument(
