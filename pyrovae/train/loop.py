@@ -27,7 +27,7 @@ from ..infer import MeanField, make_elbo, warmup_beta
 from ..infer.paramstore import fresh_param_store
 from .callbacks import Callback, CallbackList, EpochFunction, StopFlag, default_callbacks, merge_callbacks
 from .program import Program
-from .state import TrainState, load_training_checkpoint
+from .state import TrainState, check_epochs_left, load_training_checkpoint
 from .strategy import Strategy, current_strategy
 from .validation import evaluate_elbo
 
@@ -302,11 +302,7 @@ def fit(
         state, saved_size = loop.state, strategy.size
         if resume:
             saved = load_training_checkpoint(ckpt_path, map_location=program.device)
-            if epochs <= saved["epoch"]:
-                raise PyrovaeError(
-                    f"{out} has already trained {saved['epoch']} epochs; to continue it, ask for more "
-                    f"(--epochs {saved['epoch'] + 1} or above), not {epochs}"
-                )
+            check_epochs_left(out, saved["epoch"], epochs)
             saved_size = state.load_state_dict(saved, strategy, program.device, ckpt_path)
         state.perm_seed = strategy.seed(state.perm_seed, saved_size, resume, state.epoch)
         result = loop.run(FitResult(history=state.history, checkpoint=ckpt_path, data_parallel=strategy.mode))
