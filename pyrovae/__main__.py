@@ -16,11 +16,13 @@ def run() -> int:
     """
 
     def stop_now(signum, frame):
-        sys.stderr.write("pyrovae: interrupted\n")
+        if os.environ.get("RANK", "0") == "0":  # a data-parallel run's workers all get it: rank 0 says it
+            sys.stderr.write("pyrovae: interrupted\n")
         _exit_now(INTERRUPTED)
 
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, stop_now)
+    _stop_with_launcher()
     from .cli import main
     from .distributed import launched
 
@@ -36,6 +38,22 @@ def run() -> int:
         _exit_now(code)
     _end_on_signal(code)
     return code
+
+
+def _stop_with_launcher() -> None:
+    """A worker of ``pyrovae train --nproc`` gets SIGTERM (a stop that keeps its checkpoint) when its launcher
+    dies, even by ``kill -9``: it runs in a session of its own, where no Ctrl-C of the terminal reaches it (Linux)."""
+    launcher = os.environ.get("PYROVAE_LAUNCHER", "")  # distributed.LAUNCHER_ENV, not imported before torch
+    if not launcher.isdigit() or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(launcher):  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _exit_now(code: int) -> None:

@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -299,32 +299,78 @@ class Pixels:
 
 
 # -------------------------------------------------------------------------------------- device data
+class Call(NamedTuple):
+    """A batch that is called as ``model(*args, **kwargs)``: positional and keyword data arguments."""
+
+    args: tuple
+    kwargs: dict
+
+
+Batch = torch.Tensor | tuple | Call
+
+
+def as_call(batch: Batch) -> tuple[tuple, dict]:
+    """The positional and keyword arguments a program is called with for ``batch``."""
+    if isinstance(batch, Call):
+        return tuple(batch.args), dict(batch.kwargs)
+    if isinstance(batch, tuple):
+        return batch, {}
+    return (batch,), {}
+
+
+def batch_length(batch: Batch) -> int | None:
+    """The number of datapoints in ``batch``: the first dim of its first tensor (None without one)."""
+    args, kwargs = as_call(batch)
+    return next((len(t) for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+
+
 class Dataset(Protocol):
     """What :func:`pyrovae.fit` trains on: a length, and a batch for a tensor of indices."""
 
     def __len__(self) -> int: ...
 
-    def batch(self, idx: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]: ...
+    def batch(self, idx: torch.Tensor) -> Batch: ...
 
 
 class TensorData:
-    """A plain tensor (already on its device) as a dataset."""
+    """Plain tensors (already on their device) as a dataset: ``TensorData(xs, ys)`` calls ``model(xs_b, ys_b)``,
+    ``TensorData(xs, ys=ys)`` calls ``model(xs_b, ys=ys_b)``; every tensor is indexed along its first dim."""
 
-    def __init__(self, *tensors: torch.Tensor) -> None:
-        if not tensors or any(len(t) != len(tensors[0]) for t in tensors):
-            raise PyrovaeError("TensorData needs one or more tensors of equal length")
-        self.tensors = tensors
+    def __init__(self, *tensors: torch.Tensor, **named: torch.Tensor) -> None:
+        every = (*tensors, *named.values())
+        if not every or any(not isinstance(t, torch.Tensor) or t.dim() == 0 for t in every):
+            raise PyrovaeError("TensorData needs one or more tensors, each with a first dim of datapoints")
+        if any(len(t) != len(every[0]) for t in every):
+            sizes = ", ".join(str(len(t)) for t in every)
+            raise PyrovaeError(f"TensorData needs tensors of equal length along their first dim, got {sizes}")
+        self.tensors, self.named = tensors, named
 
     def __len__(self) -> int:
-        return len(self.tensors[0])
+        return len(self.tensors[0]) if self.tensors else len(next(iter(self.named.values())))
 
     @property
     def device(self) -> torch.device:
-        return self.tensors[0].device
+        return (self.tensors[0] if self.tensors else next(iter(self.named.values()))).device
 
-    def batch(self, idx: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    def batch(self, idx: torch.Tensor) -> Batch:
         out = tuple(t[idx] for t in self.tensors)
+        if self.named:
+            return Call(out, {key: t[idx] for key, t in self.named.items()})
         return out[0] if len(out) == 1 else out
+
+
+class NoData:
+    """The "dataset" of a program whose data is closed over (``model()``, ``guide()``): one step per epoch,
+    called with no arguments, nothing scaled."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+
+    def __len__(self) -> int:
+        return 1
+
+    def batch(self, idx: torch.Tensor) -> Batch:
+        return Call((), {})
 
 
 class ImageData:

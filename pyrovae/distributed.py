@@ -1,4 +1,5 @@
-"""Data-parallel training over processes started by torchrun: process group, sharding, gradient sync.
+"""Data-parallel training over processes started by torchrun or by :func:`launch` (``pyrovae train --nproc``):
+process group, sharding, gradient sync, and how a run of several workers ends (:func:`outcome`).
 
 How :func:`pyrovae.fit` uses it when a process group of several ranks is up (``torchrun`` or
 ``pyrovae train --nproc N``): every rank holds the whole dataset on its own device (``cuda:LOCAL_RANK``
@@ -19,18 +20,31 @@ itself) gives neither, so there :class:`GradSync` all-reduces the flattened grad
 from __future__ import annotations
 
 import inspect
+import json
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import PyrovaeError
+from .errors import PeerLost, PyrovaeError
+
+DEFAULT_TIMEOUT = 300.0  # seconds a rank waits in a collective for the others before it gives up (a dead or hung peer)
+# what pyrovae's own launcher (launch) tells its workers: its pid, and the folder for their one-line reports
+GRACE = 10.0  # seconds the other workers get to stop on their own once one has failed
+LAUNCHER_ENV, REPORTS_ENV = "PYROVAE_LAUNCHER", "PYROVAE_REPORTS"
 
 
 @dataclass(frozen=True)
@@ -58,10 +72,12 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def setup(device: torch.device) -> torch.device:
+def setup(device: torch.device, timeout: float = DEFAULT_TIMEOUT) -> torch.device:
     """Under torchrun with several processes: join the process group once and return this rank's device.
 
     CUDA ranks use ``cuda:LOCAL_RANK`` and NCCL; CPU ranks use gloo. Otherwise ``device`` comes back as is.
+    A collective that waits more than ``timeout`` seconds for another rank (dead or hung) fails instead of
+    waiting for ever. Under :func:`launch` the rendezvous store is the launcher's.
     """
     if not launched() or int(os.environ["WORLD_SIZE"]) < 2:
         return device
@@ -75,16 +91,50 @@ def setup(device: torch.device) -> torch.device:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend, wait = "nccl" if device.type == "cuda" else "gloo", timedelta(seconds=timeout)
+        with peer_failures(timeout):
+            if under_launcher():  # the launcher holds the store (on a port it chose): every rank is its client
+                size = int(os.environ["WORLD_SIZE"])
+                store = dist.TCPStore(
+                    os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size, is_master=False, timeout=wait
+                )
+                dist.init_process_group(backend, store=store, rank=env_rank(), world_size=size, timeout=wait)
+            else:
+                dist.init_process_group(backend, timeout=wait)
     return device
 
 
-def teardown() -> None:
+def teardown(wait: bool = True) -> None:
     """Leave the process group (a no-op without one), after every rank got here: a rank that tears
-    down while another still talks to it can abort the other's gloo threads."""
+    down while another still talks to it can abort the other's gloo threads. ``wait=False`` after a
+    failure: no barrier, since a peer may be dead or stuck elsewhere."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+_PEER_SIGNS = ("connection closed", "connection reset", "broken pipe", "connection refused", "socket closed")
+
+
+@contextmanager
+def peer_failures(timeout: float = DEFAULT_TIMEOUT) -> Iterator[None]:
+    """Turn a collective's failure for want of a peer (one died, or did not answer within ``timeout``
+    seconds) into one :class:`PeerLost` line naming this rank; other errors pass unchanged."""
+    try:
+        yield
+    except (RuntimeError, TimeoutError) as exc:  # dist.DistError and gloo's errors are RuntimeErrors
+        if not launched():
+            raise
+        text = str(exc).lower()
+        me = f"worker {env_rank()} (pid {os.getpid()})"
+        if "timed out" in text or "timeout" in text or isinstance(exc, TimeoutError):
+            raise PeerLost(f"{me} waited more than {timeout:g} s for another worker (one hung or died)") from None
+        if isinstance(exc, dist.DistError) or any(sign in text for sign in _PEER_SIGNS):
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            reason = reason.rsplit("] ", 1)[-1].split(". ")[0][:160]  # gloo's start with their source line
+            raise PeerLost(f"{me} lost contact with another worker ({reason})") from None
+        raise
 
 
 def check_nproc(nproc: int, device: torch.device) -> None:
@@ -98,20 +148,186 @@ def check_nproc(nproc: int, device: torch.device) -> None:
         )
 
 
-def launch(nproc: int, argv: Sequence[str]) -> int:
-    """Run ``python -m pyrovae ARGV`` as ``nproc`` processes under torchrun on this node; its exit code.
+def under_launcher() -> bool:
+    """Whether :func:`launch` (not torchrun) started this process: it then reports to the launcher, which holds
+    the run folder's lock and the rendezvous store."""
+    return launched() and LAUNCHER_ENV in os.environ
 
-    ``--standalone`` picks a free rendezvous port, so several runs can share a machine. Each process
-    gets ``OMP_NUM_THREADS`` = cores / nproc unless it is set already.
+
+def report(message: str, line: str, code: int, lost: bool = False) -> bool:
+    """Under :func:`launch`: leave this worker's error (its message, the line it would print, its exit code, and
+    whether it lost a peer) for the launcher to tell once for all ranks; False elsewhere (the caller prints)."""
+    folder = os.environ.get(REPORTS_ENV)
+    if not under_launcher() or not folder:
+        return False
+    from .files import write_json
+
+    write_json(Path(folder) / f"rank{env_rank()}.json", {"message": message, "line": line, "code": code, "lost": lost})
+    return True
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    """How one worker of :func:`launch` ended: its exit status (negative: the signal that killed it), its report
+    (last line and exit code; None when it ended without one), whether the launcher killed it (it outlived a
+    failed peer by more than the timeout), and when it ended among the workers (0: first)."""
+
+    rank: int
+    pid: int
+    returncode: int
+    report: dict | None = None
+    killed: bool = False
+    order: int = 0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a data-parallel run amounts to: its exit code; ``cause``, when a worker was lost (died, hung, or
+    lost its peers), what happened to it; else the workers' distinct error lines (none when rank 0 has said
+    it all: done, or interrupted)."""
+
+    code: int
+    cause: str = ""
+    lines: tuple[str, ...] = ()
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "unknown"
+
+
+def outcome(exits: Sequence[WorkerExit]) -> Outcome:
+    """The run's outcome from its workers' ends. The cause, in this order: the first worker that died without a
+    report (killed, or crashed); the workers' own errors (each distinct line once: bad input is the same on every
+    rank); a worker that lost its peers; one the launcher had to kill. Exit code 1 for a lost worker, the
+    workers' own for their errors, 130 when every failed worker was interrupted."""
+    failed = sorted((e for e in exits if e.returncode != 0), key=lambda e: e.order)
+    if not failed:
+        return Outcome(0)
+    silent = [e for e in failed if e.report is None and e.returncode != 130 and not e.killed]
+    if silent:
+        e = silent[0]
+        if e.returncode < 0:
+            what = f"was killed by signal {-e.returncode} ({_signal_name(-e.returncode)})"
+        else:
+            what = f"exited with code {e.returncode} without a word"
+        return Outcome(1, f"worker {e.rank} (pid {e.pid}) {what}")
+    reported = [e for e in failed if e.report is not None]
+    own = [e for e in reported if not e.report.get("lost") and int(e.report.get("code", 1)) != 130]
+    if own:  # an error of a worker's own (bad input, a NaN loss): each distinct line once
+        lines = tuple(dict.fromkeys(str(e.report.get("line", "")) for e in own))
+        return Outcome(int(own[0].report.get("code", 1)), lines=lines)
+    lost = [e for e in reported if e.report.get("lost")]
+    if lost:
+        return Outcome(1, str(lost[0].report.get("message", "")))
+    hung = [e for e in failed if e.killed]
+    if hung:
+        return Outcome(1, f"worker {hung[0].rank} (pid {hung[0].pid}) stopped responding")
+    return Outcome(130, lines=tuple(dict.fromkeys(str(e.report.get("line", "")) for e in reported)))
+
+
+@contextmanager
+def _forwarded_signals(received: list[int]) -> Iterator[None]:
+    """Record Ctrl-C and SIGTERM (to be passed on to the workers) instead of raising, while supervising."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {
+        s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def launch(nproc: int, argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT) -> tuple[list[WorkerExit], str]:
+    """Run ``python -m pyrovae ARGV`` as ``nproc`` workers on this node and supervise them: (how each ended, what
+    the workers other than rank 0 printed).
+
+    The launcher holds the rendezvous store, on a port the system picks, so several runs can share a machine.
+    The workers run in their own session: a Ctrl-C or SIGTERM reaches them once, passed on by the launcher
+    (and a launcher killed outright takes them with it: see ``pyrovae.__main__``). Rank 0 prints to this
+    process's stdout and stderr; the others' output is collected, for a log. When a worker fails, the others
+    get :data:`GRACE` seconds to stop on their own (a dead peer fails their next collective at once), then
+    are killed (no checkpoint can be gathered without the lost worker; the last one written stays). Each worker gets
+    ``OMP_NUM_THREADS`` = cores / nproc unless it is set already.
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    store = dist.TCPStore(
+        "127.0.0.1", 0, nproc, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout)
+    )
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    proc = subprocess.Popen([*cmd, "-m", "pyrovae", *argv], env=env)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:  # torchrun got the Ctrl-C too and stops its workers: wait for their checkpoint
-        return proc.wait()
+    received: list[int] = []
+    procs: list[subprocess.Popen] = []
+    ended: dict[int, int] = {}
+    killed: set[int] = set()
+    with tempfile.TemporaryDirectory(prefix="pyrovae-launch-") as tmp, _forwarded_signals(received):
+        env.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(store.port),
+            WORLD_SIZE=str(nproc),
+            LOCAL_WORLD_SIZE=str(nproc),
+            GROUP_RANK="0",
+            **{LAUNCHER_ENV: str(os.getpid()), REPORTS_ENV: tmp},
+        )
+        log = Path(tmp) / "workers.log"
+        try:
+            with open(log, "ab") as side:
+                for rank in range(nproc):
+                    if received:  # stopped while starting: the others would wait for the missing ranks
+                        break
+                    procs.append(
+                        subprocess.Popen(
+                            [sys.executable, "-m", "pyrovae", *argv],
+                            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                            stdin=subprocess.DEVNULL,
+                            stdout=None if rank == 0 else side,
+                            stderr=None if rank == 0 else side,
+                            start_new_session=True,
+                        )
+                    )
+            if len(procs) < nproc:
+                killed.update(range(len(procs)))
+                for p in procs:
+                    p.kill()
+            sent, failed_at = 0, None
+            while len(ended) < len(procs):
+                for signum in received[sent:]:
+                    for p in procs:
+                        if p.poll() is None:
+                            p.send_signal(signum)
+                sent = len(received)
+                for rank, p in enumerate(procs):
+                    if rank not in ended and p.poll() is not None:
+                        ended[rank] = len(ended)
+                        if p.returncode != 0 and failed_at is None:
+                            failed_at = time.monotonic()
+                if failed_at is not None and time.monotonic() > failed_at + GRACE:
+                    for rank, p in enumerate(procs):  # still there: hung, or waiting on the dead one
+                        if p.poll() is None:
+                            killed.add(rank)
+                            p.kill()
+                time.sleep(0.05)
+        finally:  # an error of the launcher itself leaves no worker behind
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        exits = []
+        for rank, p in enumerate(procs):
+            path = Path(tmp) / f"rank{rank}.json"
+            try:
+                said = json.loads(path.read_text()) if path.is_file() else None
+            except (OSError, ValueError):
+                said = None
+            exits.append(WorkerExit(rank, p.pid, p.returncode, said, rank in killed, ended.get(rank, len(procs))))
+        text = log.read_text(errors="replace") if log.is_file() else ""
+    del store
+    return exits, text
 
 
 # --------------------------------------------------------------------------------- sharding, seeds

@@ -11,3 +11,7 @@ class NonFiniteLoss(PyrovaeError):
 
 class PyrovaeWarning(UserWarning):
     """Something done differently from what was asked (and said so): the CLI prints it as one ``note:`` line."""
+
+
+class PeerLost(PyrovaeError):
+    """A data-parallel worker lost another (it died, or did not answer in time): the run stops, its checkpoint kept."""

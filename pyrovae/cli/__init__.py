@@ -18,8 +18,8 @@ import threading
 import warnings
 from collections.abc import Sequence
 
-from .. import __version__
-from ..errors import NonFiniteLoss, PyrovaeError, PyrovaeWarning
+from .. import __version__, distributed
+from ..errors import NonFiniteLoss, PeerLost, PyrovaeError, PyrovaeWarning
 from ..hostmem import keep_freed_memory
 from . import compare, evaluate, gap, missing, samples, semisupervised, train
 from .options import Parser
@@ -52,6 +52,19 @@ def _who(args) -> str:
     return f"pyrovae {args.command}" if args is not None else "pyrovae"
 
 
+def _tell(message: str, line: str, code: int, lost: bool = False) -> int:
+    """Print a command's last line and return its exit code. A data-parallel worker leaves it to pyrovae's
+    launcher (which tells each distinct line once); under torchrun, rank 0 prints, and another rank only a
+    failure of its own (a lost peer), not the errors and interrupts every rank meets alike."""
+    if distributed.launched():
+        if distributed.report(message, line, code, lost):
+            return code
+        if distributed.env_rank() != 0 and not lost:
+            return code
+    sys.stderr.write(line + "\n")
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``pyrovae`` command; a library error is one line on stderr and a non-zero exit code."""
     logging.getLogger("pyro").setLevel(logging.WARNING)  # Pyro logs its max_plate_nesting guesses at INFO
@@ -66,16 +79,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = _note
             return args.func(args)
     except PyrovaeError as exc:
-        sys.stderr.write(f"{_who(args)}: error: {exc}\n")
-        return 1 if isinstance(exc, NonFiniteLoss) else 2
+        lost = isinstance(exc, PeerLost)
+        return _tell(str(exc), f"{_who(args)}: error: {exc}", 1 if lost or isinstance(exc, NonFiniteLoss) else 2, lost)
     except OSError as exc:  # a file that cannot be read or written: say which, and why, on one line
         reason = "No space left on device" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
         where = f"{exc.filename}: " if exc.filename else ""
-        sys.stderr.write(f"{_who(args)}: error: {where}{reason}\n")
-        return 2
+        return _tell(f"{where}{reason}", f"{_who(args)}: error: {where}{reason}", 2)
     except KeyboardInterrupt:
-        sys.stderr.write("pyrovae: interrupted\n")
-        return 130
+        return _tell("interrupted", "pyrovae: interrupted", 130)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ..data import BINARIZE, DATASETS
+from ..distributed import DEFAULT_TIMEOUT, env_rank, launched
 from ..infer import ESTIMATORS
 from ..infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG, DEFAULT_STEPS
 from ..nn.likelihoods import LIKELIHOODS
@@ -23,7 +24,8 @@ class Parser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage dump) and exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        if not (launched() and env_rank() != 0):  # under torchrun: once, from rank 0
+            sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
         sys.exit(2)
 
 
@@ -216,8 +218,16 @@ def add_run_options(p: argparse.ArgumentParser, out: str, *, nproc: bool = False
         g.add_argument(
             "--nproc",
             type=int,
-            help="train data-parallel in N processes on this node via torchrun (one per GPU, or gloo on CPU); "
+            help="train data-parallel in N processes on this node (one per GPU, or gloo on CPU); "
             "--batch-size is per process",
+        )
+        g.add_argument(
+            "--peer-timeout",
+            type=positive_float,
+            default=DEFAULT_TIMEOUT,
+            metavar="SECONDS",
+            help="with --nproc or under torchrun: a process that waits longer than this for another (one that died "
+            f"or hangs) stops the run, its last checkpoint kept (default {DEFAULT_TIMEOUT:g})",
         )
     g.add_argument("--out", default=out, help=f"run folder (default {out})")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")

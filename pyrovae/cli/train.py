@@ -1,4 +1,5 @@
-"""``pyrovae train``: options to a run config, then :func:`pyrovae.training.train_run` (or torchrun)."""
+"""``pyrovae train``: options to a run config, then :func:`pyrovae.training.train_run` (with ``--nproc``:
+:func:`pyrovae.training.train_parallel`, whose workers run this command again)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ from pathlib import Path
 
 from .. import distributed
 from ..config import OPTIONS, RunConfig, flat_options, parse_hidden, with_options
-from ..errors import PyrovaeError
-from ..files import check_run_folder
+from ..errors import PeerLost, PyrovaeError
+from ..files import check_run_folder, write_text
 from ..infer import check_alpha
 from ..runs import read_config, resolve_device
-from ..training import train_run
+from ..training import saved_progress, train_parallel, train_run
 from .options import add_data_options, add_model_options, add_run_options, add_training_options, positive_int
+
+WORKERS_LOG = "workers.log"  # what ranks other than 0 printed, kept in the run folder when a run fails
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -76,6 +79,18 @@ def checked_config(args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
+def progress(out: Path, epochs: int) -> str:
+    """How far a stopped run got, as the end of its line: what its checkpoint holds, and how to continue."""
+    saved = saved_progress(out)
+    if saved is None:
+        return f"; nothing was saved in {out}"
+    done, batch = saved
+    if done >= epochs:
+        return f" after its last epoch; the checkpoint of epoch {done} in {out} is complete"
+    kept = f"epoch {done}" if batch == 0 else f"epoch {done + 1}, batch {batch}"
+    return f" during epoch {done + 1}; the checkpoint of {kept} is intact; continue with: pyrovae train --out {out} --resume"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Run ``pyrovae train``; returns the exit code (130 when interrupted)."""
     out = Path(args.out)
@@ -83,16 +98,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = checked_config(args)  # refuse bad options before locking, loading or launching anything
     if args.nproc is not None and not distributed.launched():
         distributed.check_nproc(args.nproc, resolve_device(cfg.training.device))
-        if args.nproc > 1:  # start the processes; each runs this command (less --nproc) under torchrun
-            return distributed.launch(args.nproc, without_nproc(args.argv))
-    cfg, result = train_run(
-        args.out,
-        lambda: checked_config(args),
-        resume=args.resume,
-        overwrite=args.overwrite,
-        quiet=args.quiet,
-        tensorboard=args.tensorboard,
-    )
+        if args.nproc > 1:  # start the processes; each runs this command (less --nproc)
+            return launch_train(args, out)
+    try:
+        cfg, result = train_run(
+            args.out,
+            lambda: checked_config(args),
+            resume=args.resume,
+            overwrite=args.overwrite,
+            quiet=args.quiet,
+            tensorboard=args.tensorboard,
+            timeout=args.peer_timeout,
+        )
+    except PeerLost as exc:  # under torchrun: say how far the run got (pyrovae's launcher says it for all)
+        if distributed.under_launcher():
+            raise
+        raise PeerLost(f"{exc}{progress(out, cfg.training.epochs)}") from None
     first = distributed.env_rank() == 0  # under torchrun only global rank 0 prints
     if not first:
         return 130 if result.interrupted else 0
@@ -113,3 +134,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         s = evaluate_run(out, k=args.eval_k, device=cfg.training.device, quiet=args.quiet)
         print(f"test log p(x) {s['log_likelihood']:.2f} nats/image (K={args.eval_k}); see {out / 'eval.md'}")
     return 0
+
+
+def launch_train(args: argparse.Namespace, out: Path) -> int:
+    """``pyrovae train --nproc N``: checked once, then N workers; one line for a failure on any of them."""
+    cfg, outcome, log = train_parallel(
+        args.out,
+        lambda: checked_config(args),
+        without_nproc(args.argv),
+        nproc=args.nproc,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        timeout=args.peer_timeout,
+    )
+    if outcome.code not in (0, 130) and log.strip() and out.is_dir():
+        write_text(out / WORKERS_LOG, log)  # what the other ranks printed, for a closer look
+    if outcome.cause:
+        print(f"pyrovae train: error: {outcome.cause}{progress(out, cfg.training.epochs)}", file=sys.stderr)
+    for line in outcome.lines:
+        print(line, file=sys.stderr)
+    return outcome.code

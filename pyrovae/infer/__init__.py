@@ -30,33 +30,53 @@ def check_alpha(elbo: str, alpha: float | None) -> None:
         raise PyrovaeError("--elbo renyi needs --alpha (e.g. 0.5; 0 is iwae, 1 is the ELBO)")
 
 
-def _renyi(particles: int, alpha: float | None) -> ELBO:
+def _renyi(particles: int, alpha: float | None, **settings) -> ELBO:
     check_alpha("renyi", alpha)
-    return RenyiBound(alpha=alpha, num_particles=particles)
+    return RenyiBound(alpha=alpha, num_particles=particles, **settings)
 
 
-ESTIMATORS: dict[str, Callable[[int, float | None], ELBO]] = {
-    "trace": lambda k, a: Trace(num_particles=k, vectorize_particles=k > 1),
-    "meanfield": lambda k, a: MeanField(num_particles=k, vectorize_particles=k > 1),
-    "iwae": lambda k, a: RenyiBound(alpha=0.0, num_particles=k),
+def _vectorised(cls: type[ELBO]) -> Callable[..., ELBO]:
+    """An estimator of K particles, vectorised in a particle plate when K > 1 unless the settings say otherwise."""
+    return lambda k, a, **settings: cls(num_particles=k, **{"vectorize_particles": k > 1, **settings})
+
+
+ESTIMATORS: dict[str, Callable[..., ELBO]] = {
+    "trace": _vectorised(Trace),
+    "meanfield": _vectorised(MeanField),
+    "iwae": lambda k, a, **settings: RenyiBound(alpha=0.0, num_particles=k, **settings),
     "renyi": _renyi,
-    "tracegraph": lambda k, a: TraceGraph_ELBO(num_particles=k, vectorize_particles=k > 1),
+    "tracegraph": _vectorised(TraceGraph_ELBO),
 }
 DEFAULT_PARTICLES = {"iwae": 5, "renyi": 5}
+SETTINGS = ("max_plate_nesting", "strict_enumeration_warning", "vectorize_particles")  # as Pyro's ELBOs take them
 
 
-def make_elbo(spec: str | ELBO | type[ELBO], particles: int | None = None, alpha: float | None = None) -> ELBO:
-    """An ELBO from a registered name, a ``pyro.infer.ELBO`` subclass, or an instance (returned as is)."""
+def make_elbo(
+    spec: str | ELBO | type[ELBO], particles: int | None = None, alpha: float | None = None, **settings
+) -> ELBO:
+    """An ELBO from a registered name, a ``pyro.infer.ELBO`` subclass, or an instance (returned as is).
+
+    ``settings`` are Pyro's ELBO options (``max_plate_nesting``, ``strict_enumeration_warning``,
+    ``vectorize_particles``), given to the estimator built; an instance carries its own.
+    """
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise PyrovaeError(f"unknown ELBO setting {unknown[0]!r}; the settings are {', '.join(SETTINGS)}")
     if isinstance(spec, ELBO):
+        if settings:
+            raise PyrovaeError(
+                f"{', '.join(sorted(settings))} given beside an ELBO instance: set them on the instance "
+                f"({type(spec).__name__}({next(iter(sorted(settings)))}=...))"
+            )
         return spec
     if isinstance(spec, type) and issubclass(spec, ELBO):
-        return spec(num_particles=particles or 1)
+        return spec(num_particles=particles or 1, **settings)
     if not isinstance(spec, str) or spec not in ESTIMATORS:
         raise PyrovaeError(f"unknown ELBO {spec!r}; choose one of {', '.join(ESTIMATORS)} or pass a pyro.infer.ELBO")
     k = particles if particles is not None else DEFAULT_PARTICLES.get(spec, 1)
     if k < 1:
         raise PyrovaeError(f"--particles must be at least 1, got {k}")
-    return ESTIMATORS[spec](k, alpha)
+    return ESTIMATORS[spec](k, alpha, **settings)
 
 
 __all__ = ["ESTIMATORS", "LatentScale", "MeanField", "RenyiBound", "Trace", "check_alpha", "make_elbo", "warmup_beta"]

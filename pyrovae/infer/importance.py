@@ -129,6 +129,12 @@ def _inspect(model: Callable, guide: Callable, args: tuple, kwargs: dict, plate:
     sites = sample_frames(model_tr, guide_tr)
     if not sites:
         raise PyrovaeError("the model has no sample sites: there is no log p(x) to estimate")
+    for name, site in guide_tr.nodes.items():
+        if site["type"] == "sample" and name not in model_tr.nodes:
+            raise PyrovaeError(
+                f"guide site {name!r} has no site in the model (an auxiliary variable): p(x, z) / q(z, {name} | x) "
+                "is no importance weight of p(x), so log p(x) cannot be estimated with this guide"
+            )
     stacks = [{f for f in stack if f.vectorized} for _, stack in sites]
     common = set.intersection(*stacks)
     if plate is not None:
@@ -140,8 +146,12 @@ def _inspect(model: Callable, guide: Callable, args: tuple, kwargs: dict, plate:
             f"per-datapoint log p(x) is not defined for this program: {where}, so it is shared by all datapoints "
             "and log p(x) does not split into one term per datapoint (put every latent inside the data plate)"
         )
-    named = [f for f in common if f.name == DATA_PLATE]
-    frame = named[0] if named else max(common, key=lambda f: f.dim)  # else the outermost common plate
+    frame = _data_frame(common, args, kwargs)
+    if frame.full_size is not None and frame.full_size >= 0 and frame.full_size != frame.size:
+        raise PyrovaeError(
+            f"the program subsamples its data plate {frame.name!r} ({frame.size} of {frame.full_size}): log p(x) "
+            "needs every datapoint scored, so call it without subsampling (subsample=None, subsample_size=None)"
+        )
     nesting = max(-f.dim for stack in stacks for f in stack)
     if any(site["type"] == "sample" and site["infer"].get("enumerate") for site in guide_tr.nodes.values()):
         guide = poutine.infer_config(guide, _draw_instead)  # q(y|x) joins the proposal: y drawn, not summed
@@ -153,6 +163,17 @@ def _inspect(model: Callable, guide: Callable, args: tuple, kwargs: dict, plate:
         for name, site in model_tr.nodes.items()
     )
     return _Program(model, guide, args, kwargs, frame.size, -nesting - 1, frame.dim, frame.name, enumerated, device)
+
+
+def _data_frame(common: set, args: tuple, kwargs: dict):
+    """The data plate among the plates common to every site: the one named ``data``, else the one as long as the
+    data's first dim, else the outermost."""
+    named = [f for f in common if f.name == DATA_PLATE]
+    if named:
+        return named[0]
+    lengths = {len(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0}
+    sized = sorted((f for f in common if f.size in lengths), key=lambda f: f.dim)
+    return sized[0] if sized else min(common, key=lambda f: f.dim)
 
 
 def _callable_on_subsets(prog: _Program) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import pyro.poutine as poutine
 import torch
 from pyro.infer.elbo import ELBO
 from pyro.infer.enum import get_importance_trace
@@ -19,7 +20,7 @@ from pyro.infer.util import is_validation_enabled
 from pyro.util import check_if_enumerated
 
 from ..errors import PyrovaeError
-from .handlers import PARTICLE_PLATE
+from .handlers import PARTICLE_PLATE, off_rng
 
 
 def _sum_dims(t: torch.Tensor, dims: list[int]) -> torch.Tensor:
@@ -39,13 +40,21 @@ def per_datapoint_log_weights(model_trace, guide_trace) -> tuple[torch.Tensor, f
         if site["type"] == "sample"
     ]
     sites = [site for _, site in signed]
+    if not sites:  # nothing random: the bound is 0, as Pyro's estimators have it
+        return torch.zeros(1), 1.0
+    for site in guide_trace.nodes.values():
+        if site["type"] == "sample" and site["name"] not in model_trace.nodes:
+            raise PyrovaeError(
+                f"guide site {site['name']!r} has no site in the model (an auxiliary variable): p(x, z) / q(z, "
+                f"{site['name']} | x) is no importance weight of p(x); train with 'trace' or 'meanfield'"
+            )
     plate_sets = [set(site["cond_indep_stack"]) for site in sites]
     common = set.intersection(*plate_sets)
     data_plates = [f for f in common if f.name != PARTICLE_PLATE and f.vectorized]
     if not data_plates:
-        names = ", ".join(site["name"] for site in sites if not site["cond_indep_stack"]) or "some sites"
         raise PyrovaeError(
-            f"a per-datapoint bound needs every sample site inside the data plate; {names} are outside it"
+            f"a per-datapoint bound needs every sample site inside the data plate: {_outside(sites)} outside the "
+            "data plate, so the weights do not split into one per datapoint; train with 'trace' or 'meanfield'"
         )
     scale = 1.0
     for f in data_plates:
@@ -58,6 +67,19 @@ def per_datapoint_log_weights(model_trace, guide_trace) -> tuple[torch.Tensor, f
     return log_w, scale
 
 
+def _outside(sites: list[dict]) -> str:
+    """The sites outside the data plate (the plate named ``data``, else the one holding most sites), as words."""
+    counts: dict[str, int] = {}
+    for site in sites:
+        for f in site["cond_indep_stack"]:
+            if f.name != PARTICLE_PLATE and f.vectorized:
+                counts[f.name] = counts.get(f.name, 0) + 1
+    plate = "data" if "data" in counts else max(counts, key=counts.get, default=None)
+    names = sorted({site["name"] for site in sites if all(f.name != plate for f in site["cond_indep_stack"])})
+    listed = ", ".join(repr(n) for n in names)
+    return f"site {listed} is" if len(names) == 1 else f"sites {listed} are"
+
+
 class RenyiBound(ELBO):
     """Per-datapoint Rényi bound (``alpha=0``: IWAE) with K particles, for reparameterised guides."""
 
@@ -67,6 +89,7 @@ class RenyiBound(ELBO):
         num_particles: int = 2,
         max_plate_nesting: float = float("inf"),
         vectorize_particles: bool = True,
+        strict_enumeration_warning: bool = True,
     ) -> None:
         if alpha == 1:
             raise PyrovaeError("alpha = 1 is the ELBO itself: use the 'trace' or 'meanfield' estimator")
@@ -74,6 +97,7 @@ class RenyiBound(ELBO):
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
             vectorize_particles=vectorize_particles,
+            strict_enumeration_warning=strict_enumeration_warning,
         )
         self.alpha = float(alpha)
 
@@ -81,13 +105,30 @@ class RenyiBound(ELBO):
         model_trace, guide_trace = get_importance_trace("flat", self.max_plate_nesting, model, guide, args, kwargs)
         if is_validation_enabled():
             check_if_enumerated(guide_trace)
-            for site in guide_trace.nodes.values():
-                if site["type"] == "sample" and not site["fn"].has_rsample:
-                    raise PyrovaeError(f"the Rényi/IWAE bound needs reparameterised guide sites; {site['name']} is not")
         return model_trace, guide_trace
+
+    def _check(self, model, guide, args, kwargs) -> None:
+        """Once, before the first vectorised run: refuse what the bound cannot take (a site outside the data plate,
+        a guide site that is not reparameterised or has no model site) in one line, from one plain run of the
+        program off the RNG and hidden from other handlers."""
+        tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        with off_rng(tensors[0].device if tensors else "cpu"), poutine.block():
+            model_trace, guide_trace = get_importance_trace("flat", math.inf, model, guide, args, kwargs)
+        for site in guide_trace.nodes.values():
+            if site["type"] == "sample" and site["infer"].get("enumerate"):
+                raise PyrovaeError(
+                    f"site {site['name']!r} is marked for enumeration, which the Rényi/IWAE bound does not do: "
+                    "train with pyro.infer.TraceEnum_ELBO(max_plate_nesting=...)"
+                )
+            if site["type"] == "sample" and not site["fn"].has_rsample:
+                raise PyrovaeError(f"the Rényi/IWAE bound needs reparameterised guide sites; {site['name']!r} is not")
+        per_datapoint_log_weights(model_trace, guide_trace)
+        self._checked = True
 
     def per_datapoint(self, model, guide, *args, **kwargs) -> tuple[torch.Tensor, float]:
         """The bound for each datapoint of the batch (unscaled), and the minibatch scale N/B."""
+        if not getattr(self, "_checked", False):
+            self._check(model, guide, args, kwargs)
         vectorized = self.vectorize_particles and self.num_particles > 1
         log_ws = []
         scale = 1.0

@@ -22,9 +22,10 @@ from pyro.distributions.kl import kl_divergence
 from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.trace_elbo import _compute_log_r
-from pyro.infer.util import check_fully_reparametrized, is_validation_enabled
+from pyro.infer.util import check_fully_reparametrized, is_validation_enabled, torch_item
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from pyro.util import warn_if_nan
 
 
 def sample_sites(trace: poutine.Trace) -> Iterator[tuple[str, dict]]:
@@ -67,7 +68,8 @@ class _OnDevice:
             guide_trace.compute_score_parts()
         return model_trace, guide_trace
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor | float:
+        """The loss with the estimator's gradient; a plain 0.0 for a program without sample sites, as Pyro's."""
         losses, surrogates = [], []
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             loss_particle, surrogate_particle = self._differentiable_loss_particle(model_trace, guide_trace)
@@ -76,7 +78,25 @@ class _OnDevice:
         loss, surrogate = _sum(losses), _sum(surrogates)
         if self.num_particles > 1:
             loss, surrogate = loss / self.num_particles, surrogate / self.num_particles
+        if not torch.is_tensor(surrogate):
+            return loss
         return loss + (surrogate - surrogate.detach())
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """The loss as a Python float (Pyro's ELBO contract)."""
+        with torch.no_grad():
+            loss = torch_item(self.differentiable_loss(model, guide, *args, **kwargs))
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """Backward of the loss where it has a gradient; the loss as a Python float (Pyro's ELBO contract)."""
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        if torch.is_tensor(loss) and loss.requires_grad:
+            loss.backward(retain_graph=self.retain_graph)
+        loss = torch_item(loss)
+        warn_if_nan(loss, "loss")
+        return loss
 
 
 class Trace(_OnDevice, Trace_ELBO):
@@ -103,7 +123,7 @@ class Trace(_OnDevice, Trace_ELBO):
 class MeanField(_OnDevice, TraceMeanField_ELBO):
     """TraceMeanField_ELBO (analytic KL where registered, else Monte Carlo), on the device."""
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor | float:
         # every term is differentiable: the loss is its own surrogate, no detach and re-attach needed
         traces = self._get_traces(model, guide, args, kwargs)
         loss = _sum([self._differentiable_loss_particle(m, g)[1] for m, g in traces])
@@ -120,7 +140,9 @@ class MeanField(_OnDevice, TraceMeanField_ELBO):
                 check_fully_reparametrized(guide_site)
             try:
                 kl = kl_divergence(guide_site["fn"], model_site["fn"])
-                losses.append(scale_and_mask(kl, scale=guide_site["scale"], mask=guide_site["mask"]).sum())
+                kl = scale_and_mask(kl, scale=guide_site["scale"], mask=guide_site["mask"])
+                # a float where Pyro's KL knows the answer without a tensor (masked out: 0.0), per batch element
+                losses.append(kl.sum() if torch.is_tensor(kl) else kl * guide_site["fn"].batch_shape.numel())
             except NotImplementedError:
                 gains.append(log_prob_sum(model_site))
                 losses.append(score_parts(guide_site).entropy_term.sum())
@@ -130,9 +152,9 @@ class MeanField(_OnDevice, TraceMeanField_ELBO):
                     check_fully_reparametrized(guide_site)
                 losses.append(score_parts(guide_site).entropy_term.sum())
         neg_elbo = _sum(losses) - _sum(gains)  # one node per term, none for a leading 0.0
-        return neg_elbo.detach(), neg_elbo
+        return (neg_elbo.detach() if torch.is_tensor(neg_elbo) else neg_elbo), neg_elbo
 
 
-def _sum(terms: list[torch.Tensor]) -> torch.Tensor | float:
-    """The terms' sum from the first one on (each ``0.0 + t`` would be one more autograd node)."""
+def _sum(terms: list[torch.Tensor | float]) -> torch.Tensor | float:
+    """The terms' sum from the first one on (each ``0.0 + t`` would be one more autograd node); 0.0 for none."""
     return functools.reduce(operator.add, terms) if terms else 0.0

@@ -21,13 +21,13 @@ import pyro
 import torch
 from pyro.infer import ELBO, TraceEnum_ELBO
 
-from ..data import Dataset, TensorData
+from ..data import Dataset, NoData, TensorData
 from ..errors import PyrovaeError
 from ..infer import MeanField, make_elbo, warmup_beta
 from ..infer.paramstore import fresh_param_store
 from .callbacks import Callback, CallbackList, EpochFunction, StopFlag, default_callbacks, merge_callbacks
-from .program import Program, as_args
-from .state import TrainState, load_training_checkpoint
+from .program import Program
+from .state import TrainState, check_epochs_left, load_training_checkpoint
 from .strategy import Strategy, current_strategy
 from .validation import evaluate_elbo
 
@@ -130,9 +130,9 @@ class Loop:
     def step(self, idx: torch.Tensor, b: int) -> None:
         """One optimiser step on the datapoints ``idx`` (batch ``b`` of the epoch)."""
         self.state.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(as_args(self.data.batch(idx)), self.beta)
+        loss = self.loss(self.data.batch(idx), self.beta)
         self._add_loss(loss, b, len(idx) / self.n)
-        if self.program.differentiable:
+        if self.program.differentiable and loss.requires_grad:
             loss.backward()
         if self.grad_sync is not None:
             self.grad_sync()
@@ -195,11 +195,15 @@ class Loop:
 def fit(
     model: Callable,
     guide: Callable,
-    data: Dataset | torch.Tensor,
+    data: Dataset | torch.Tensor | None,
     *,
     elbo: str | ELBO | type[ELBO] = "meanfield",
     particles: int | None = None,
     alpha: float | None = None,
+    max_plate_nesting: int | None = None,
+    strict_enumeration_warning: bool | None = None,
+    vectorize_particles: bool | None = None,
+    extra: Sequence[tuple[Callable, Callable]] = (),
     epochs: int = 10,
     batch_size: int = 100,
     lr: float = 1e-3,
@@ -224,6 +228,12 @@ def fit(
 ) -> FitResult:
     """Train ``model``/``guide`` (any Pyro programs) on ``data`` by maximising an ELBO.
 
+    ``data``: a tensor, a :class:`pyrovae.data.TensorData` (several tensors, or keyword ones: ``TensorData(xs,
+    ys=ys)`` calls ``model(xs_b, ys=ys_b)``), any dataset, or None for a program whose data is closed over
+    (``model()``: one full step per epoch). ``max_plate_nesting``, ``strict_enumeration_warning`` and
+    ``vectorize_particles`` go to the estimator built from ``elbo`` as Pyro's ELBOs take them. ``extra`` pairs of
+    (model, guide), called on the same batch, add their losses by the same estimator (an auxiliary loss, as
+    Pyro's semi-supervised VAE adds its classifier's).
     Every epoch: a permutation of the data on its device, minibatches of ``batch_size``, one Adam
     step each; then the mean train ELBO and the validation ELBO (nats per datapoint). With ``out``:
     an atomic ``checkpoint.pt`` each epoch, then ``metrics.csv`` from it (and ``config.json`` with the first
@@ -243,9 +253,14 @@ def fit(
     module whose methods ``model`` and ``guide`` are (role ``model``; ``guide`` too if another's). Parameters of
     no module (a bare ``pyro.param``) are kept by param-store name.
     """
-    data = TensorData(data) if isinstance(data, torch.Tensor) else data
+    data = NoData() if data is None else TensorData(data) if isinstance(data, torch.Tensor) else data
     val_data = TensorData(val_data) if isinstance(val_data, torch.Tensor) else val_data
-    estimator = make_elbo(elbo, particles, alpha)
+    settings = dict(
+        max_plate_nesting=max_plate_nesting,
+        strict_enumeration_warning=strict_enumeration_warning,
+        vectorize_particles=vectorize_particles,
+    )
+    estimator = make_elbo(elbo, particles, alpha, **{key: v for key, v in settings.items() if v is not None})
     if epochs < 1 or batch_size < 1 or not lr > 0:
         raise PyrovaeError(f"need epochs >= 1, batch size >= 1 and lr > 0; got {epochs}, {batch_size}, {lr}")
     if lr_schedule not in LR_SCHEDULES:
@@ -260,7 +275,7 @@ def fit(
     with fresh_param_store(publish=True):
         if seed is not None:
             pyro.set_rng_seed(seed)
-        program = Program(model, guide, data, estimator, batch_size, data_plate)
+        program = Program(model, guide, data, estimator, batch_size, data_plate, extra)
         # the validation ELBO: analytic KL where available; an enumerating estimator must enumerate there too
         val_estimator = val_elbo or (estimator if isinstance(estimator, TraceEnum_ELBO) else MeanField())
         given = list(callbacks)
@@ -287,11 +302,7 @@ def fit(
         state, saved_size = loop.state, strategy.size
         if resume:
             saved = load_training_checkpoint(ckpt_path, map_location=program.device)
-            if epochs <= saved["epoch"]:
-                raise PyrovaeError(
-                    f"{out} has already trained {saved['epoch']} epochs; to continue it, ask for more "
-                    f"(--epochs {saved['epoch'] + 1} or above), not {epochs}"
-                )
+            check_epochs_left(out, saved["epoch"], epochs)
             saved_size = state.load_state_dict(saved, strategy, program.device, ckpt_path)
         state.perm_seed = strategy.seed(state.perm_seed, saved_size, resume, state.epoch)
         result = loop.run(FitResult(history=state.history, checkpoint=ckpt_path, data_parallel=strategy.mode))

@@ -1,37 +1,41 @@
 """The program ``fit`` trains: a model/guide pair bound to the data's size, its ELBO as a loss, its parameters.
 
-Calling convention: ``model(*batch)`` and ``guide(*batch)``, where ``batch`` is what the dataset returns
-for a minibatch; the sites in the data plate are scaled by N/B by :class:`pyrovae.infer.handlers.DataScale`.
-A program that names a ``num_data`` parameter also gets ``num_data=N`` (and may subsample its plate itself).
+Calling convention: ``model(*args, **kwargs)`` and ``guide(*args, **kwargs)`` for what the dataset returns for
+a minibatch (a tensor, a tuple, or a :class:`pyrovae.data.Call`); the sites in the data plate are scaled by N/B
+by :class:`pyrovae.infer.handlers.DataScale`. A program that names a ``num_data`` parameter also gets
+``num_data=N`` (and may subsample its plate itself). ``extra`` pairs (an auxiliary loss such as the
+semi-supervised VAE's classifier term) are called the same way and their losses added.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.infer import ELBO
+from pyro.infer import ELBO, TraceEnum_ELBO
 
-from ..data import Dataset
+from ..data import Batch, Dataset, as_call, batch_length
 from ..errors import PyrovaeError
 from ..infer import LatentScale
-from ..infer.handlers import DataScale, PlateRecorder, bind_num_data, find_data_plate, off_rng, scale_for
+from ..infer.handlers import DataScale, PlateRecorder, bind_num_data, find_data_plate, off_rng, plan_scale
 from ..models.vae import parameters_collected
 
 
-def as_args(batch: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    return batch if isinstance(batch, tuple) else (batch,)
+def as_args(batch: Batch) -> tuple[torch.Tensor, ...]:
+    """The positional arguments of a batch (its keyword arguments: :func:`pyrovae.data.as_call`)."""
+    return as_call(batch)[0]
 
 
 def device_of(data: Dataset) -> torch.device:
     """The device a dataset's batches live on."""
     device = getattr(data, "device", None)
     if device is None:
-        args = as_args(data.batch(torch.arange(1)))
-        device = args[0].device
+        args, kwargs = as_call(data.batch(torch.arange(1)))
+        tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        device = tensors[0].device if tensors else "cpu"
     return torch.device(device)
 
 
@@ -50,36 +54,76 @@ def _collect_params(loss_fn: Callable[[], torch.Tensor]) -> tuple[list[str], lis
     return names, params
 
 
+def _check_enumeration(sites: list, estimator: ELBO) -> None:
+    """Refuse sites marked for enumeration unless the estimator enumerates them (Pyro's TraceEnum_ELBO)."""
+    if isinstance(estimator, TraceEnum_ELBO):
+        return
+    marked = [site.name for site in sites if site.enumerated]
+    if marked:
+        raise PyrovaeError(
+            f"site {marked[0]!r} is marked for enumeration, which {type(estimator).__name__} does not do (it would "
+            "draw it instead of summing it out): train with elbo=pyro.infer.TraceEnum_ELBO(max_plate_nesting=...)"
+        )
+
+
 class Program:
-    """``loss(args, beta)``: the estimator's loss of one minibatch (minibatch-scaled, latents scaled by ``beta``).
+    """``loss(batch, beta)``: the estimator's loss of one minibatch (minibatch-scaled, latents scaled by ``beta``).
 
     Built from one validated probe evaluation (Pyro's shape and support checks), run off the RNG, that
-    also finds the trained parameters (``params``, by param-store name) and the data plate.
+    also finds the trained parameters (``params``, by param-store name) and the data plate, and refuses
+    (one line, before any step) a program whose minibatches cannot be scaled correctly.
     """
 
     def __init__(
-        self, model: Callable, guide: Callable, data: Dataset, estimator: ELBO, batch_size: int, data_plate: str | None
+        self,
+        model: Callable,
+        guide: Callable,
+        data: Dataset,
+        estimator: ELBO,
+        batch_size: int,
+        data_plate: str | None,
+        extra: Sequence[tuple[Callable, Callable]] = (),
     ) -> None:
         n = len(data)
         self.device = device_of(data)
         self.differentiable = hasattr(estimator, "differentiable_loss")
         self.estimator = estimator
         self.model, self.guide, self.kwargs = bind_num_data(model, guide, n)
+        self.extra = [bind_num_data(m, g, n) for m, g in extra]
         self.scale: DataScale | None = None  # set from the probe's plates; None where Pyro scales
-        probe = as_args(data.batch(torch.arange(min(batch_size, n), device=self.device)))
-        with pyro.validation_enabled(True), off_rng(self.device), PlateRecorder() as plates:
-            names, params = _collect_params(lambda: self.loss(probe, 1.0))
-        self.scale = scale_for(plates.frames, len(probe[0]), n, data_plate)
-        self.plate_name = find_data_plate(plates.frames, len(probe[0]), data_plate)
+        probe = data.batch(torch.arange(min(batch_size, n), device=self.device))
+        plates = PlateRecorder()
+        try:
+            with pyro.validation_enabled(True), off_rng(self.device), plates:
+                names, params = _collect_params(lambda: self.loss(probe, 1.0))
+        except NotImplementedError as e:  # Pyro's way of saying an estimator cannot treat this program
+            _check_enumeration(plates.sites, estimator)
+            raise PyrovaeError(f"{type(estimator).__name__} cannot train this program: {e}") from e
+        except Exception:
+            _check_enumeration(plates.sites, estimator)  # a site the estimator cannot treat explains the failure
+            raise
+        _check_enumeration(plates.sites, estimator)
+        b = batch_length(probe)
+        self.scale = plan_scale(plates.sites, b, n, data_plate)
+        self.plate_name = find_data_plate(plates.frames, b, data_plate)
         for p in params:
             p.grad = None
         self.params = dict(zip(names, params))
 
-    def loss(self, args: tuple[torch.Tensor, ...], beta: float) -> torch.Tensor:
+    def loss(self, batch: Batch, beta: float) -> torch.Tensor:
+        args, kwargs = as_call(batch)
+        if self.scale is not None:
+            self.scale.batch_size = batch_length(batch)
         with LatentScale(beta) if beta != 1.0 else nullcontext(), self.scale or nullcontext():
-            if self.differentiable:
-                return self.estimator.differentiable_loss(self.model, self.guide, *args, **self.kwargs)
-            return torch.as_tensor(self.estimator.loss_and_grads(self.model, self.guide, *args, **self.kwargs))
+            total = self._loss(self.model, self.guide, args, {**kwargs, **self.kwargs})
+            for model, guide, bound in self.extra:
+                total = total + self._loss(model, guide, args, {**kwargs, **bound})
+            return total
+
+    def _loss(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
+        if self.differentiable:
+            return torch.as_tensor(self.estimator.differentiable_loss(model, guide, *args, **kwargs))
+        return torch.as_tensor(self.estimator.loss_and_grads(model, guide, *args, **kwargs))
 
     def hot(self) -> AbstractContextManager:
         """Around the hot loop: models skip re-registering parameters (``loss_and_grads`` needs the param sites)."""

@@ -40,6 +40,15 @@ def load_training_checkpoint(path: Path, map_location: torch.device | str | None
     return state
 
 
+def check_epochs_left(out: Path | None, done: int, epochs: int) -> None:
+    """Refuse to resume a run of ``done`` epochs for ``epochs`` in total unless that is more."""
+    if epochs <= done:
+        raise PyrovaeError(
+            f"{out} has already trained {done} epochs; to continue it, ask for more "
+            f"(--epochs {done + 1} or above), not {epochs}"
+        )
+
+
 def check_params(path: Path, saved: dict[str, Any], own: dict[str, torch.Tensor], strict: bool = False) -> None:
     """Refuse a checkpoint whose parameters do not match a model's, by name and by shape (``strict``: and
     none that the model lacks)."""

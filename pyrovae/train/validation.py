@@ -8,10 +8,10 @@ from contextlib import nullcontext
 import torch
 from pyro.infer import ELBO
 
-from ..data import Dataset
+from ..data import Dataset, as_call
 from ..infer import MeanField
 from ..infer.handlers import DataScale, bind_num_data, minibatch_scale
-from .program import as_args, device_of
+from .program import device_of
 from .strategy import Strategy, current_strategy
 
 
@@ -40,11 +40,14 @@ def evaluate_elbo(
     for idx in strategy.split(torch.arange(n, device=device)).split(batch_size):
         if len(idx) == 0:  # fewer datapoints than ranks
             continue
-        args = as_args(data.batch(idx))
+        args, batch_kwargs = as_call(data.batch(idx))
+        call_kwargs = {**batch_kwargs, **kwargs}
         if scale is None:  # a known plate needs no probe: DataScale leaves a plate Pyro scales alone
             scale = (
-                DataScale(n, data_plate) if data_plate else minibatch_scale(model, guide, args, kwargs, n)
+                DataScale(n, data_plate) if data_plate else minibatch_scale(model, guide, args, call_kwargs, n)
             ) or nullcontext()
+        if isinstance(scale, DataScale):
+            scale.batch_size = len(idx)
         with scale:
-            total += float(elbo.loss(model, guide, *args, **kwargs)) * (len(idx) / n)
+            total += float(elbo.loss(model, guide, *args, **call_kwargs)) * (len(idx) / n)
     return -strategy.sum(total) / n
