@@ -27,7 +27,8 @@ from eval_speed import gemm_flops_per_second  # noqa: E402
 
 from pyrovae.infer.ais import _inspect, _run, annealed_log_likelihood  # noqa: E402
 from pyrovae.infer.bdmc import bdmc, simulate  # noqa: E402
-from pyrovae.infer.importance import KHAT_BAD, log_likelihood, pareto_khat  # noqa: E402
+from pyrovae.infer.diagnostics import KHAT_BAD, pareto_khat  # noqa: E402
+from pyrovae.infer.importance import log_likelihood  # noqa: E402
 from pyrovae.runs import load_run  # noqa: E402
 
 

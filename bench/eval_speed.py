@@ -26,16 +26,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import append_results, markdown_table  # noqa: E402
 from plain_vae import plain_log_likelihood  # noqa: E402
 
-from pyrovae.infer.importance import (  # noqa: E402
-    CPU_CHUNK_MB,
-    DEFAULT_MEMORY_MB,
-    _inspect,
-    _plan,
-    _probe_particles,
-    _traces,
-    chunk_budget_mb,
-    log_likelihood,
-)
+from pyrovae.infer.importance import log_likelihood  # noqa: E402
+from pyrovae.infer.memory import CPU_CHUNK_MB, DEFAULT_MEMORY_MB, _plan, _probe_particles, chunk_budget_mb  # noqa: E402
+from pyrovae.infer.program import _inspect, _traces  # noqa: E402
 from pyrovae.runs import load_run  # noqa: E402
 
 

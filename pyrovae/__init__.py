@@ -19,7 +19,7 @@ _EXPORTS = {  # name -> module: imported on first use, so that `import pyrovae` 
     "evaluate_points": "infer.importance",
     "evaluate_run": "tasks.evaluate",
     "log_likelihood": "infer.importance",
-    "pareto_khat": "infer.importance",
+    "pareto_khat": "infer.diagnostics",
     "AnnealedEstimate": "infer.ais",
     "annealed_log_likelihood": "infer.ais",
     "Sandwich": "infer.bdmc",

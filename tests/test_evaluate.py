@@ -19,15 +19,9 @@ from pyro.infer import Trace_ELBO
 
 from pyrovae import PyrovaeError
 from pyrovae.cli import main
-from pyrovae.infer.importance import (
-    _plan,
-    active_units,
-    bits_per_dim,
-    evaluate_points,
-    khat_summary,
-    log_likelihood,
-    pareto_khat,
-)
+from pyrovae.infer.diagnostics import active_units, bits_per_dim, khat_summary, pareto_khat
+from pyrovae.infer.importance import evaluate_points, log_likelihood
+from pyrovae.infer.memory import _plan
 
 D, Z = 5, 2
 

@@ -8,8 +8,10 @@ Pyro's JIT variants are left out on purpose: in Pyro 1.9 JitTraceMeanField_ELBO 
 step (about 4x slower here) and TorchScript is deprecated in torch >= 2.11.
 
 Beside the estimators: ``handlers.py`` the minibatch scale (``DataScale``) and plate helpers, ``paramstore.py``
-param-store scopes, ``importance.py`` the per-datapoint importance sweep (log p(x), its draws, PSIS k̂) and its
-diagnostics.
+param-store scopes. The estimators of per-datapoint log p(x), one per module over shared parts: ``importance.py``
+(the importance sweep: log p(x), its draws, the ELBO's parts), ``ais.py`` (annealed importance sampling),
+``bdmc.py`` (the BDMC sandwich on simulated data); ``program.py`` the one inspection of a program they share (data
+plate, local latents, particle dim, subsets), ``memory.py`` their memory planner, ``diagnostics.py`` k̂ and the rest.
 """
 
 from __future__ import annotations

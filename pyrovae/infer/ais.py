@@ -15,7 +15,6 @@ Wu et al. 2017): see :mod:`pyrovae.infer.bdmc`.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -29,15 +28,8 @@ from pyro.poutine.util import prune_subsample_sites
 from ..errors import PyrovaeError
 from ..models.vae import parameters_collected
 from .handlers import off_rng
-from .importance import (
-    _AllocatedBytes,
-    _callable_on_subsets,
-    _inspect,
-    _per_point,
-    _Program,
-    _unscale,
-    chunk_budget_mb,
-)
+from .memory import _plan, chunk_budget_mb, probe_layout
+from .program import _inspect, _per_point, _Program, log_p_q
 from .renyi import PARTICLE_PLATE
 
 TARGET_ACCEPT = 0.65  # Neal (2011): the optimal HMC acceptance rate is about 0.65
@@ -120,23 +112,6 @@ def _run(prog: _Program, args: tuple, kwargs: dict, values: dict | None, chains:
     return model_tr, guide_tr
 
 
-def _log_p_q(model_tr, guide_tr, prog: _Program, c: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(x_i, z_ci) (enumerated sites summed out) and log q(z_ci | x_i), each (chains, datapoints)."""
-    log_p = 0.0
-    for site in model_tr.nodes.values():
-        if site["type"] == "sample":
-            lp = _per_point(site["log_prob"], prog.pdim, prog.ddim, c, b, keep_left=True)
-            log_p = log_p + lp / _unscale(site, prog.plate)
-    log_p = torch.as_tensor(log_p)
-    if log_p.dim() > 2:
-        log_p = torch.logsumexp(log_p.reshape(-1, *log_p.shape[-2:]), dim=0)
-    log_q = 0.0
-    for site in guide_tr.nodes.values():
-        if site["type"] == "sample":
-            log_q = log_q + _per_point(site["log_prob"], prog.pdim, prog.ddim, c, b) / _unscale(site, prog.plate)
-    return torch.as_tensor(log_p).expand(c, b), torch.as_tensor(log_q).expand(c, b)
-
-
 @dataclass
 class _State:
     """Chains at one point: unconstrained latents, log q + log|J|, log p + log|J| and their gradients."""
@@ -173,7 +148,7 @@ class _Target:
                 j = t.log_abs_det_jacobian(u[n], z[n])
                 log_j = log_j + _per_point(j, self.prog.pdim, self.prog.ddim, self.c, self.b)
             model_tr, guide_tr = _run(self.prog, self.args, self.kwargs, z, self.chains)
-            log_p, log_q = _log_p_q(model_tr, guide_tr, self.prog, self.c, self.b)
+            log_p, log_q = log_p_q(model_tr, guide_tr, self.prog, self.c, self.b)
             lq, lp = log_q + log_j, log_p + log_j
             inputs = [u[n] for n in self.lat.names]
             gq = torch.autograd.grad(lq.sum(), inputs, retain_graph=True, allow_unused=True)
@@ -423,23 +398,13 @@ def _run_ais(
         if missing:
             raise PyrovaeError(f"the reverse chains need the true value of every latent; missing {', '.join(missing)}")
     n = prog.n
-    subsets = (batch_size is None or batch_size < n) and _callable_on_subsets(prog)
-    probe_b = min(n - 1, 8) if subsets else n
-    k0 = min(8 if subsets else 2, chains)
-    per_pair = _probe(prog, probe_b, k0)
-    vectorised = per_pair is not None or k0 == 1
-    if not vectorised:
-        warnings.warn(
-            "the program fails with a chain dim (does a net flatten its input's leading dims?): "
-            "AIS runs one chain per call, which is slower",
-            stacklevel=3,
-        )
-    if per_pair is None:
-        per_pair = _probe(prog, probe_b, None) or 64.0
+    layout = probe_layout(prog, chains, batch_size, "AIS runs one chain per call")
+    vectorised = layout.vectorised or chains == 1
     budget = chunk_budget_mb(memory_mb, prog.device)
-    pairs = max(1, int(budget * 2**20 / (per_pair * GRAD_MEMORY_FACTOR)))
-    cc = min(chains, chain_size or pairs) if vectorised else 1
-    b = min(n, batch_size or max(1, pairs // cc)) if subsets else n
+    per_pair = layout.per_pair * GRAD_MEMORY_FACTOR
+    cc, b = _plan(
+        chains, n, chain_size if vectorised else 1, batch_size if layout.subsets else n, budget, lambda: per_pair
+    )
     fwd: dict[str, list] = {"w": [], "acc": [], "step": []}
     rev: dict[str, list] = {"w": [], "acc": []}
     evaluations = 0.0
@@ -488,31 +453,6 @@ def _run_ais(
 
     forward = result(fwd, 1.0, fwd["step"])
     return forward, (result(rev, -1.0, fwd["step"]) if latents is not None else None)
-
-
-def _probe(prog: _Program, b: int, k: int | None) -> float | None:
-    """Bytes per (chain, datapoint) of one forward run of the program with ``k`` vectorised chains (None: no chain
-    dim); None when the program fails with a chain dim. A CPU has no peak counter: all bytes allocated count."""
-    args, kwargs = prog.subset(0, b)
-    try:
-        with off_rng(prog.device), torch.no_grad():
-            if prog.device.type == "cuda":
-                torch.cuda.synchronize(prog.device)
-                torch.cuda.reset_peak_memory_stats(prog.device)
-                base = torch.cuda.memory_allocated(prog.device)
-                model_tr, guide_tr = _run(prog, args, kwargs, None, k)
-                lp, _ = _log_p_q(model_tr, guide_tr, prog, k or 1, b)
-                used = torch.cuda.max_memory_allocated(prog.device) - base
-            else:
-                with _AllocatedBytes() as counter:
-                    model_tr, guide_tr = _run(prog, args, kwargs, None, k)
-                    lp, _ = _log_p_q(model_tr, guide_tr, prog, k or 1, b)
-                used = counter.total
-    except Exception:  # noqa: BLE001 - the program's shapes do not survive a chain dim
-        return None
-    if k is not None and lp.shape != (k, b):
-        return None
-    return max(float(used), 64.0) / ((k or 1) * b)
 
 
 def annealed_log_likelihood(

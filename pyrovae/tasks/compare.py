@@ -32,8 +32,9 @@ from ..config import DataConfig, MixtureConfig, RunConfig, TrainingConfig, with_
 from ..errors import PyrovaeError
 from ..files import remove_files, write_json, write_text
 from ..infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG, DEFAULT_STEPS, annealed_log_likelihood
+from ..infer.diagnostics import ACTIVE_THRESHOLD, bits_per_dim, khat_summary
 from ..infer.handlers import off_rng
-from ..infer.importance import ACTIVE_THRESHOLD, bits_per_dim, evaluate_points, khat_summary
+from ..infer.importance import evaluate_points
 from ..models.gmm import GMM
 from ..reports.markdown import fmt, markdown_table
 from ..runs import load_module_state, read_config, record_config, resolve_device, train_vae

@@ -19,14 +19,8 @@ import torch
 from ..errors import PyrovaeError
 from ..infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG, DEFAULT_STEPS, AnnealedEstimate, annealed_log_likelihood
 from ..infer.bdmc import Sandwich, bdmc, simulate
-from ..infer.importance import (
-    KHAT_BAD,
-    PointEvaluation,
-    active_units,
-    bits_per_dim,
-    evaluate_points,
-    khat_summary,
-)
+from ..infer.diagnostics import KHAT_BAD, active_units, bits_per_dim, khat_summary
+from ..infer.importance import PointEvaluation, evaluate_points
 from ..reports.inference_data import make_idata, scalar_attrs, write_idata
 from ..reports.markdown import fmt, markdown_table
 

@@ -33,7 +33,8 @@ from torch import nn
 
 from ..data import TensorData
 from ..errors import PyrovaeError
-from ..infer.importance import log_likelihood, pareto_khat
+from ..infer.diagnostics import pareto_khat
+from ..infer.importance import log_likelihood
 from ..infer.paramstore import fresh_param_store
 from ..models.vae import data_plate, parameters_collected
 from ..reports.inference_data import from_draws, group, make_idata, scalar_attrs, summary, write_idata
