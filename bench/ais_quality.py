@@ -53,8 +53,10 @@ def main() -> None:
     p.add_argument("--chains", type=int, default=None)
     p.add_argument("--leapfrog", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default torch's)")
     a = p.parse_args()
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    if a.threads:
+        torch.set_num_threads(a.threads)
     schedule = {
         key: v
         for key, v in (("num_steps", a.steps), ("num_chains", a.chains), ("num_leapfrog", a.leapfrog))

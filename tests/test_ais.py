@@ -261,5 +261,7 @@ def test_bad_input_and_discrete_guide_sites_are_refused(lg):
         with pyro.plate("data", len(x)):
             pyro.sample("y", dist.Categorical(torch.ones(2) / 2))
 
+    with pytest.raises(PyrovaeError, match="empty"):
+        annealed_log_likelihood(lg.model, lg.exact_guide, x[:0])
     with pytest.raises(PyrovaeError, match="continuous"):
         annealed_log_likelihood(model, guide, x, num_steps=2)

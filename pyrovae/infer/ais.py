@@ -387,6 +387,8 @@ def _run_ais(
     """Forward AIS on every datapoint, and with ``latents`` (exact posterior draws) the reverse chains too."""
     _check(steps, chains, leapfrog, warmup, target_accept, memory_mb)
     betas = beta_schedule(steps, kind)
+    if any(isinstance(t, torch.Tensor) and t.dim() > 0 and len(t) == 0 for t in args):
+        raise PyrovaeError("nothing to evaluate: the data is empty")
     prog = _inspect(model, guide, args, kwargs, data_plate)
     with off_rng(prog.device), torch.no_grad():
         model_tr, guide_tr = _run(prog, *prog.subset(0, min(prog.n, 2)), None, None)
