@@ -307,7 +307,8 @@ def _write_markdown(path: Path, s: dict[str, Any]) -> None:
             [
                 [
                     "log p(x) (importance sampled)",
-                    f"{fmt(s['log_likelihood'])} ± {fmt(s['log_likelihood_sem'])} (s.e.m.)",
+                    f"{fmt(s['log_likelihood'])} ± {fmt(s['log_likelihood_sem'])} (s.e.m.; "
+                    f"k̂ > 0.7 for {fmt(s['khat_bad'], '.1%')})",
                 ],
                 ["ELBO", fmt(s["elbo"])],
                 ["reconstruction E_q log p(x\\|z)", fmt(s["reconstruction"])],
