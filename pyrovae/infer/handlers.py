@@ -217,7 +217,7 @@ def plan_scale(sites: list[SiteFrames], batch: int | None, num_data: int, plate:
     if name is None:
         raise PyrovaeError(
             f"cannot scale minibatches of {batch} of {num_data} datapoints: no plate holds the batch's {batch} "
-            f'datapoints (plates: {_describe(frames)}); put the data\'s sites in pyro.plate("data"), '
+            f"datapoints (plates: {_describe(frames)}); put the data's sites in pyro.plate(\"data\"), "
             f"name the plate with data_plate=, {fix}"
         )
     represented = {f.full_size if subsampled(f) else f.size for f in frames if f.name == name}
