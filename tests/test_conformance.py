@@ -477,3 +477,26 @@ def test_extra_loss_terms_equal_svi_on_the_programs_run_together():
     ours = fit_run(case, data, 2, 4, elbo="trace", extra=[(aux_model, aux_guide)])
     assert "c" in ours[1]
     assert_same(ours, theirs)
+
+
+def test_pyros_elbo_settings_reach_the_registered_estimators():
+    from pyrovae.infer import make_elbo
+
+    elbo = make_elbo("trace", 3, None, max_plate_nesting=2, vectorize_particles=False, strict_enumeration_warning=False)
+    assert isinstance(elbo, Trace) and elbo.max_plate_nesting == 2 and not elbo.vectorize_particles
+    assert elbo.strict_enumeration_warning is False
+    assert make_elbo("trace", 3, None).vectorize_particles  # vectorised by default for K > 1
+    iwae = make_elbo("iwae", 4, None, max_plate_nesting=1)
+    assert isinstance(iwae, RenyiBound) and iwae.max_plate_nesting == 2  # Pyro adds the particle plate's dim
+    with pytest.raises(PyrovaeError, match="unknown ELBO setting 'retain_graph'"):
+        make_elbo("trace", 1, None, retain_graph=True)
+
+
+def test_closed_over_data_trains_one_full_step_per_epoch():
+    # fit(model, guide, None): the program takes no argument; each epoch is one step on all of its data.
+    case = CASES[[c.__name__ for c in CASES].index("ClosedOver")]()
+    initial = case.decoder_params()[0].detach().clone()
+    pyro.clear_param_store()
+    result = fit(case.model, case.guide, None, elbo="meanfield", epochs=4, lr=0.05, seed=0, quiet=True)
+    assert result.epochs_done == 4 and len(result.history) == 4
+    assert (result.params["w"] - initial).abs().max() > 0.05  # it trained: 4 Adam steps of 0.05

@@ -129,7 +129,8 @@ def test_pyro_ssvae_example_trains_with_its_auxiliary_loss():
 
 def test_markov_model_example_scores_each_sequence_as_the_kalman_filter():
     # A sequential latent (pyro.markov inside the plate of sequences) trains by fit, and log_likelihood of the
-    # trained linear-Gaussian model matches the Kalman filter's exact log p per sequence: the mean over 50 test
-    # sequences has a Monte Carlo sd of ~0.01 nats at K = 1000 and a downward bias of about s.e.²/2 < 0.01.
-    out = load("markov_model").main(["--linear", "--sequences", "100", "--epochs", "40", "--k", "1000"])
-    assert abs(out["log_p"] - out["exact_log_p"]) < 0.1
+    # trained linear-Gaussian model matches the Kalman filter's exact log p per sequence. IS is a stochastic lower
+    # bound: below the truth by its bias (measured 0.015 nats at this training budget, 0.14 at 40 epochs, where the
+    # guide is worse), above it only by the Monte Carlo noise of a mean over 50 sequences (sd ~0.01 nats at K = 2000).
+    out = load("markov_model").main(["--linear", "--sequences", "200", "--epochs", "100", "--k", "2000"])
+    assert -0.1 < out["log_p"] - out["exact_log_p"] < 0.05

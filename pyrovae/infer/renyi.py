@@ -123,11 +123,11 @@ class RenyiBound(ELBO):
             if site["type"] == "sample" and not site["fn"].has_rsample:
                 raise PyrovaeError(f"the Rényi/IWAE bound needs reparameterised guide sites; {site['name']!r} is not")
         per_datapoint_log_weights(model_trace, guide_trace)
-        self._checked = True
+        self._checked = (model, guide)
 
     def per_datapoint(self, model, guide, *args, **kwargs) -> tuple[torch.Tensor, float]:
         """The bound for each datapoint of the batch (unscaled), and the minibatch scale N/B."""
-        if not getattr(self, "_checked", False):
+        if getattr(self, "_checked", None) != (model, guide):  # once per program this estimator meets
             self._check(model, guide, args, kwargs)
         vectorized = self.vectorize_particles and self.num_particles > 1
         log_ws = []
