@@ -17,7 +17,16 @@ import pytest
 import torch
 
 from pyrovae import PyrovaeError
-from pyrovae.infer.ais import _adapt, _hmc, _inspect, _latent_sites, _run, _Target, annealed_log_likelihood
+from pyrovae.infer.ais import (
+    _adapt,
+    _hmc,
+    _inspect,
+    _latent_sites,
+    _run,
+    _Target,
+    annealed_log_likelihood,
+    check_annealable,
+)
 from pyrovae.infer.bdmc import bdmc, simulate
 from pyrovae.infer.importance import log_likelihood
 
@@ -265,3 +274,5 @@ def test_bad_input_and_discrete_guide_sites_are_refused(lg):
         annealed_log_likelihood(lg.model, lg.exact_guide, x[:0])
     with pytest.raises(PyrovaeError, match="continuous"):
         annealed_log_likelihood(model, guide, x, num_steps=2)
+    with pytest.raises(PyrovaeError, match="continuous"):  # the same refusal before any work (evaluate runs it first)
+        check_annealable(model, pyro.infer.config_enumerate(guide), x)

@@ -366,6 +366,27 @@ def _cut(v: torch.Tensor, event_dim: int, ddim: int, start: int, stop: int) -> t
     return v.narrow(d, start, stop - start)
 
 
+def _annealable(
+    model: Callable, guide: Callable, args: tuple, kwargs: dict, data_plate: str | None
+) -> tuple[_Program, _Latents]:
+    """The program's inspection and its latents, or a one-line refusal of what AIS cannot run (one run, off the RNG)."""
+    if any(isinstance(t, torch.Tensor) and t.dim() > 0 and len(t) == 0 for t in args):
+        raise PyrovaeError("nothing to evaluate: the data is empty")
+    prog = _inspect(model, guide, args, kwargs, data_plate)
+    with off_rng(prog.device), torch.no_grad():
+        model_tr, guide_tr = _run(prog, prog.args, prog.kwargs, None, None)
+    lat = _latent_sites(model_tr, guide_tr)
+    if not lat.names:
+        raise PyrovaeError("the guide has no latent sites: log p(x) is exact without AIS (use --method is)")
+    return prog, lat
+
+
+def check_annealable(model: Callable, guide: Callable, *args, data_plate: str | None = None, **kwargs) -> None:
+    """Raise the one-line :class:`PyrovaeError` that :func:`annealed_log_likelihood` would raise on this program,
+    before any work: a global latent, a discrete guide site, a model latent without a guide site, no latents."""
+    _annealable(model, guide, args, kwargs, data_plate)
+
+
 def _run_ais(
     model: Callable,
     guide: Callable,
@@ -387,14 +408,7 @@ def _run_ais(
     """Forward AIS on every datapoint, and with ``latents`` (exact posterior draws) the reverse chains too."""
     _check(steps, chains, leapfrog, warmup, target_accept, memory_mb)
     betas = beta_schedule(steps, kind)
-    if any(isinstance(t, torch.Tensor) and t.dim() > 0 and len(t) == 0 for t in args):
-        raise PyrovaeError("nothing to evaluate: the data is empty")
-    prog = _inspect(model, guide, args, kwargs, data_plate)
-    with off_rng(prog.device), torch.no_grad():
-        model_tr, guide_tr = _run(prog, *prog.subset(0, min(prog.n, 2)), None, None)
-    lat = _latent_sites(model_tr, guide_tr)
-    if not lat.names:
-        raise PyrovaeError("the guide has no latent sites: log p(x) is exact without AIS (use --method is)")
+    prog, lat = _annealable(model, guide, args, kwargs, data_plate)
     if latents is not None:
         missing = [n for n in lat.names if n not in latents]
         if missing:

@@ -17,7 +17,14 @@ import numpy as np
 import torch
 
 from ..errors import PyrovaeError
-from ..infer.ais import DEFAULT_CHAINS, DEFAULT_LEAPFROG, DEFAULT_STEPS, AnnealedEstimate, annealed_log_likelihood
+from ..infer.ais import (
+    DEFAULT_CHAINS,
+    DEFAULT_LEAPFROG,
+    DEFAULT_STEPS,
+    AnnealedEstimate,
+    annealed_log_likelihood,
+    check_annealable,
+)
 from ..infer.bdmc import Sandwich, bdmc, simulate
 from ..infer.diagnostics import KHAT_BAD, active_units, bits_per_dim, khat_summary
 from ..infer.importance import PointEvaluation, evaluate_points
@@ -83,6 +90,8 @@ def evaluate_run(
     x = data.batch(idx)
     labels = data.labels[idx].cpu() if data.labels is not None else None
     vae.eval()
+    if method != "is":  # refused before the importance sweep's minutes, not after
+        check_annealable(vae.model, vae.guide, x[:2])
     res = evaluate_points(
         vae.model,
         vae.guide,
