@@ -25,10 +25,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import append_results, markdown_table  # noqa: E402
 from eval_speed import gemm_flops_per_second  # noqa: E402
 
-from pyrovae.infer.ais import _inspect, _run, annealed_log_likelihood  # noqa: E402
+from pyrovae.infer.ais import annealed_log_likelihood  # noqa: E402
 from pyrovae.infer.bdmc import bdmc, simulate  # noqa: E402
 from pyrovae.infer.diagnostics import KHAT_BAD, pareto_khat  # noqa: E402
+from pyrovae.infer.hmc import _run  # noqa: E402
 from pyrovae.infer.importance import log_likelihood  # noqa: E402
+from pyrovae.infer.program import _inspect  # noqa: E402
 from pyrovae.runs import load_run  # noqa: E402
 
 

@@ -17,18 +17,11 @@ import pytest
 import torch
 
 from pyrovae import PyrovaeError
-from pyrovae.infer.ais import (
-    _adapt,
-    _hmc,
-    _inspect,
-    _latent_sites,
-    _run,
-    _Target,
-    annealed_log_likelihood,
-    check_annealable,
-)
+from pyrovae.infer.ais import annealed_log_likelihood, check_annealable
 from pyrovae.infer.bdmc import bdmc, simulate
+from pyrovae.infer.hmc import _adapt, _hmc, _latent_sites, _run, _Target
 from pyrovae.infer.importance import log_likelihood
+from pyrovae.infer.program import _inspect
 
 from .test_evaluate import LinearGaussian, Z
 
