@@ -9,9 +9,10 @@ step (about 4x slower here) and TorchScript is deprecated in torch >= 2.11.
 
 Beside the estimators: ``handlers.py`` the minibatch scale (``DataScale``) and plate helpers, ``paramstore.py``
 param-store scopes. The estimators of per-datapoint log p(x), one per module over shared parts: ``importance.py``
-(the importance sweep: log p(x), its draws, the ELBO's parts), ``ais.py`` (annealed importance sampling),
-``bdmc.py`` (the BDMC sandwich on simulated data), ``hmc.py`` (the HMC transitions AIS anneals with); ``program.py`` the one inspection of a program they share (data
-plate, local latents, particle dim, subsets), ``memory.py`` their memory planner, ``diagnostics.py`` k̂ and the rest.
+(the importance sweep: log p(x), its draws, the ELBO's parts), ``ais.py`` (annealed importance sampling, with the
+HMC transitions of ``hmc.py``), ``bdmc.py`` (the BDMC sandwich on simulated data); ``program.py`` the one
+inspection of a program they share (data plate, local latents, particle dim, subsets), ``memory.py`` their memory
+planner, ``diagnostics.py`` k̂ and the rest.
 """
 
 from __future__ import annotations
