@@ -14,12 +14,13 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch.nn.functional import one_hot
 
-from pyrovae import Pixels, fit, log_likelihood, make_splits, synthetic
+from pyrovae import Fitted, Pixels, compare, fit, log_likelihood, make_splits, synthetic
 from pyrovae.data import Call
 from pyrovae.errors import PyrovaeError
 from pyrovae.models.beta import BetaVAE
 from pyrovae.models.vae import VAE
 from pyrovae.models.zoo import ENTRIES, ZooData, training_pair, zoo_names
+from pyrovae.tasks.gap import inference_gaps
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +183,17 @@ def test_conditional_vae_reads_the_label_in_both_programs(zoo_data, splits):
         log_p = dist.Normal(0.0, 1.0).log_prob(z).sum() + dist.Bernoulli(logits=logits).log_prob(x.flatten(1)).sum()
     assert float(guide_tr.log_prob_sum().detach()) == pytest.approx(float(log_q), rel=1e-5)
     assert float(model_tr.log_prob_sum().detach()) == pytest.approx(float(log_p), rel=1e-5)
+
+
+def test_zoo_models_go_through_compare_and_gap(zoo_data, splits):
+    x, y = splits.test.batch(torch.arange(8)), splits.test.labels[:8]
+    built = {name: ENTRIES[name].build(zoo_data) for name in ("flow", "discrete", "cvae", "gmm")}
+    built["cvae"] = Fitted(built["cvae"].model, built["cvae"].guide, args=(y,))  # scored as log p(x | y)
+    rows = compare(built, x, k=40)["models"]
+    assert all(math.isfinite(r["log_likelihood"]) for r in rows.values())
+    assert rows["gmm"]["likelihood_kind"] == "exact" and rows["flow"]["likelihood_kind"] == "importance-sampled, K=40"
+    gaps = inference_gaps(ENTRIES["vampprior"].build(zoo_data), x, steps=3, k=40)
+    assert torch.isfinite(gaps.approximation_gap).all() and torch.isfinite(gaps.amortization_gap).all()
 
 
 def test_zoo_names():

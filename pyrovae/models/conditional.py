@@ -44,13 +44,13 @@ class ConditionalVAE(nn.Module):
         logits = self.decoder(joined(z, one_hot(y, self.classes).to(z))).unflatten(-1, self.shape)
         return dist.Bernoulli(logits=logits).to_event(len(self.shape))
 
-    def model(self, x: torch.Tensor, num_data: int | None = None, *, y: torch.Tensor) -> None:
+    def model(self, x: torch.Tensor, y: torch.Tensor, num_data: int | None = None) -> None:
         register(self.name, self)
         with data_plate(x, num_data):
             z = pyro.sample("z", standard_normal(self.z_dim, x))
             pyro.sample("x", self.observation(z, y), obs=x)
 
-    def guide(self, x: torch.Tensor, num_data: int | None = None, *, y: torch.Tensor) -> None:
+    def guide(self, x: torch.Tensor, y: torch.Tensor, num_data: int | None = None) -> None:
         register(self.name, self)
         with data_plate(x, num_data):
             h = joined(x.flatten(-len(self.shape)), one_hot(y, self.classes).to(x))
