@@ -72,9 +72,14 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys):
 
 
 def test_orderings_compare_the_named_rows():
-    rows = [{"model": "vae", "log_likelihood": -100.0, "gap": 3.0}, {"model": "flow", "log_likelihood": -99.0,
-            "gap": 2.0}, {"model": "vampprior", "log_likelihood": -101.0, "gap": 1.0}]  # fmt: skip
+    rows = [{"model": "vae", "log_likelihood": -100.0, "gap": 3.0, "points": {"log_likelihood": [-99.0, -101.0]}},
+            {"model": "flow", "log_likelihood": -99.0, "gap": 2.0},
+            {"model": "vampprior", "log_likelihood": -101.0, "gap": 1.0,
+             "points": {"log_likelihood": [-100.5, -101.5]}}]  # fmt: skip
     checks = {c["claim"]: c for c in orderings(rows)}
-    assert checks["VampPrior ≥ standard prior"]["holds"] is False
+    vamp = checks["VampPrior ≥ standard prior"]
+    assert vamp["holds"] is False and vamp["difference"] == -1.0
+    assert vamp["difference_se"] == pytest.approx(0.5)  # differences -1.5 and -0.5: sd 0.707, over sqrt(2)
+    assert checks["flow guide's gap log p̂ − ELBO < diagonal Gaussian's"]["difference_se"] is None
     assert checks["flow guide's gap log p̂ − ELBO < diagonal Gaussian's"]["holds"] is True
     assert len(checks) == 2  # the others need rows that are not here

@@ -89,6 +89,7 @@ def importance_score(
         "active_units": units,
         **khat_summary(ev.khat),
         "estimator": f"IS, K={k}",
+        "points": {"log_likelihood": lp.tolist(), "gap": ev.gap.double().tolist()},  # per image, for paired checks
     }
 
 
@@ -255,14 +256,20 @@ ORDERINGS = (  # (claim, better, worse, column, higher is better), the published
 
 
 def orderings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each published ordering whose two rows are present: the two numbers, and whether it holds here."""
+    """Each published ordering whose two rows are present: the two numbers, whether it holds here, and the
+    standard error of their difference paired over the same test images (far smaller than either row's)."""
     by = {r["model"]: r for r in rows}
     out = []
     for claim, a, b, col, higher in ORDERINGS:
         if a in by and b in by:
             va, vb = by[a][col], by[b][col]
-            out.append({"claim": claim, "models": [a, b], "column": col, "values": [va, vb],
-                        "holds": bool(va >= vb if higher else va < vb)})  # fmt: skip
+            pa, pb = (by[m].get("points", {}).get(col) for m in (a, b))
+            se = None
+            if pa and pb and len(pa) == len(pb) > 1:
+                d = np.asarray(pa) - np.asarray(pb)
+                se = float(d.std(ddof=1) / math.sqrt(len(d)))
+            out.append({"claim": claim, "models": [a, b], "column": col, "values": [va, vb], "difference": va - vb,
+                        "difference_se": se, "holds": bool(va >= vb if higher else va < vb)})  # fmt: skip
     return out
 
 
@@ -270,7 +277,8 @@ def write_leaderboard(out: Path, rows: list[dict[str, Any]], opts: ZooOptions, f
     """leaderboard.json, leaderboard.md and (with ``figures``) leaderboard.png: one row per scored model."""
     shared = {key: getattr(opts, key) for key in SHARED}
     checks = orderings(rows)
-    write_json(out / "leaderboard.json", {"settings": shared, "rows": rows, "orderings": checks})
+    brief = [{key: v for key, v in r.items() if key != "points"} for r in rows]  # per-image numbers stay in score.json
+    write_json(out / "leaderboard.json", {"settings": shared, "rows": brief, "orderings": checks})
     ranked = sorted(rows, key=lambda r: (r["conditional"], -r["log_likelihood"]))
     table = markdown_table(
         ["model", "log p̂ (nats)", "± s.e.", "estimator", "k̂ > 0.7", "ELBO", "KL", "log p̂ − ELBO", "active units",
@@ -298,9 +306,9 @@ def write_leaderboard(out: Path, rows: list[dict[str, Any]], opts: ZooOptions, f
         "## Published orderings, measured here",
         "",
         *markdown_table(
-            ["claim", "models", "values", "holds here"],
+            ["claim", "models", "values", "difference ± paired s.e.", "holds here"],
             [[c["claim"], " vs ".join(c["models"]), " vs ".join(fmt(v) for v in c["values"]),
-              "yes" if c["holds"] else "no"] for c in checks],
+              f"{c['difference']:.2f} ± {fmt(c['difference_se'])}", "yes" if c["holds"] else "no"] for c in checks],
         ),  # fmt: skip
     ]
     write_text(out / "leaderboard.md", "\n".join(lines) + "\n")
