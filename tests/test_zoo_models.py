@@ -107,6 +107,11 @@ def test_vampprior_density_is_the_mixture_closed_form(zoo_data):
         per_component = (-0.5 * ((z[:, None] - loc) / scale) ** 2 - scale.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
         by_hand = torch.logsumexp(per_component, -1) - math.log(len(loc))
         assert torch.allclose(module.prior().log_prob(z), by_hand, atol=1e-4)
+        generic = dist.MixtureSameFamily(module.prior().mixture_distribution, module.prior().component_distribution)
+        assert torch.allclose(generic.log_prob(z), by_hand, atol=1e-4)
+        # as the data plate and the particle plate see it: expanded to a batch, z with a particle dim in front
+        zz = torch.randn(4, 7, module.z_dim)
+        assert torch.allclose(module.prior().expand((7,)).log_prob(zz), generic.log_prob(zz), atol=1e-3)
     assert module.pseudo_inputs.requires_grad and len(loc) == 100
 
 

@@ -9,12 +9,27 @@ written as a ``MixtureSameFamily`` over the encodings of the pseudo-inputs, whic
 
 from __future__ import annotations
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
 
 from .vae import VAE, data_plate, register
+
+
+class DiagonalMixture(dist.MixtureSameFamily):
+    """A ``MixtureSameFamily`` of diagonal Normals whose log density is two matrix products: the same value as
+    the generic one, without its (..., K, Z) broadcast (which made 1000 importance draws cost minutes)."""
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        normal = self.component_distribution.base_dist
+        prec = normal.scale.pow(-2)  # (..., K, Z)
+        quad = torch.einsum("...d,...kd->...k", z * z, prec) - 2 * torch.einsum("...d,...kd->...k", z, normal.loc * prec)
+        log_n = -0.5 * (quad + (normal.loc.pow(2) * prec).sum(-1)) - normal.scale.log().sum(-1)
+        log_n = log_n - 0.5 * z.shape[-1] * math.log(2 * math.pi)
+        return torch.logsumexp(log_n + self.mixture_distribution.logits, -1)
 
 
 class VampPriorVAE(VAE):
@@ -28,7 +43,7 @@ class VampPriorVAE(VAE):
         """p(z) = (1/K) Σ_k N(z; loc(u_k), scale(u_k)): a mixture of K diagonal Gaussians."""
         loc, scale = self.encode(self.pseudo_inputs)
         components = dist.Normal(loc, scale).to_event(1)
-        return dist.MixtureSameFamily(dist.Categorical(logits=loc.new_zeros(len(loc))), components)
+        return DiagonalMixture(dist.Categorical(logits=loc.new_zeros(len(loc))), components)
 
     def model(self, x: torch.Tensor, num_data: int | None = None) -> None:
         register(self.name, self)  # one name for every parameter: the encoder sits in the model and the guide
