@@ -20,8 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "resume an interrupted zoo.",
     )
     p.add_argument("--models", default="all", help=f"all, or some of: {','.join(ENTRIES)} (default all)")
-    add_data_options(p, only=("dataset", "data_dir", "root", "train_size"))
-    p.set_defaults(dataset="fashion-mnist")
+    add_data_options(p, only=("dataset", "data_dir", "root", "download", "train_size"))
+    p.set_defaults(dataset="fashion-mnist", download=False)
     p.add_argument("--epochs", type=positive_int, help=f"epochs per model (default {FULL['epochs']}; "
                    f"--quick: {QUICK['epochs']})")  # fmt: skip
     p.add_argument("--batch-size", type=positive_int, default=100, help="training batch (default 100)")
@@ -53,6 +53,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
             dataset=args.dataset,
             data_dir=args.data_dir,
             root=args.root,
+            download=bool(args.download),
             epochs=args.epochs,
             train_size=args.train_size,
             k=args.k,

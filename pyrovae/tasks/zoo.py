@@ -51,6 +51,7 @@ class ZooOptions:
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
     root: str | None = None
+    download: bool = False
     epochs: int | None = None
     train_size: int | None = None
     k: int | None = None
@@ -120,7 +121,7 @@ class Labelled:
 
 
 def _splits(opts: ZooOptions, device: torch.device):
-    raw = synthetic() if opts.dataset == "synthetic" else load_dataset(opts.dataset, opts.data_dir, opts.root)
+    raw = synthetic() if opts.dataset == "synthetic" else load_dataset(opts.dataset, opts.data_dir, opts.root, opts.download)
     return make_splits(raw, Pixels("dynamic"), device, train_size=opts.train_size, seed=opts.seed)
 
 
