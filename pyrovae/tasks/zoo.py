@@ -36,7 +36,7 @@ from ..runs import resolve_device
 from ..train import fit, load_training_checkpoint
 from ..train.state import load_modules
 
-QUICK = {"epochs": 3, "train_size": 4000, "k": 500, "n": 200}  # --quick: about 20 minutes on a loaded 2-core CPU
+QUICK = {"epochs": 3, "train_size": 5000, "k": 1000, "n": 200}  # --quick: about 20 minutes on a loaded 2-core CPU
 FULL = {"epochs": 10, "train_size": None, "k": 5000, "n": 1000}
 SHARED = ("dataset", "train_size", "epochs", "batch_size", "k", "n", "estimator", "seed")  # what every row shares
 SAMPLES = 8  # images per model in leaderboard.png
