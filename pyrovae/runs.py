@@ -94,10 +94,17 @@ def build_model(cfg: RunConfig, splits: Splits) -> VAE:
     return vae
 
 
-def _masked_model(cfg: RunConfig, splits: Splits) -> torch.nn.Module:
-    from .tasks.complete import build_masked_model
+def build_masked_model(cfg: RunConfig, splits: Splits) -> torch.nn.Module:
+    """The run's masked VAE on the data's device, checked against the data's support."""
+    from .models.masked import build_masked_vae
 
-    return build_masked_model(cfg, splits)
+    m = cfg.model
+    vae = build_masked_vae(
+        splits.train.shape, m.likelihood, arch_from_config(m), pixel_mean=splits.train_pixel_mean.cpu(), sigma=m.sigma
+    ).to(splits.train.device)
+    set_autocast(vae, m.autocast)  # networks in mixed precision, as in build_model
+    check_support(vae, cfg, splits)
+    return vae
 
 
 def _mixture(cfg: RunConfig, splits: Splits) -> torch.nn.Module:
@@ -127,7 +134,7 @@ class Builder:
 
 BUILDERS: dict[str, Builder] = {
     "vae": Builder(load_splits, build_model),
-    "masked": Builder(load_splits, _masked_model),
+    "masked": Builder(load_splits, build_masked_model),
     "gmm": Builder(load_splits, _mixture),
     "semisupervised": Builder(load_splits, _m2, weights="m2.pt"),
 }

@@ -2,7 +2,7 @@
 
 ``options`` holds the argparse types and the shared option groups (data, model, training, run,
 evaluation); each other module here is one command (``train``, ``evaluate``, ``compare``, ``missing``
-(``train-masked``, ``complete``), ``gap``, ``samples``, ``semisupervised``) that declares its parser from
+(``train-masked``, ``complete``), ``gap``, ``samples``, ``semisupervised``, ``zoo``) that declares its parser from
 those groups, turns the options into typed values, calls the library and prints a line. The library
 never imports this package; process-wide settings (malloc, signals, warnings) are made only in :func:`main`.
 """
@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from .. import __version__, distributed
 from ..errors import NonFiniteLoss, PeerLost, PyrovaeError, PyrovaeWarning
 from ..hostmem import keep_freed_memory
-from . import compare, evaluate, gap, missing, samples, semisupervised, train
+from . import compare, evaluate, gap, missing, samples, semisupervised, train, zoo
 from .options import Parser
 
-COMMANDS = (train, evaluate, compare, missing, gap, samples, semisupervised)  # each module's register(sub)
+COMMANDS = (train, evaluate, compare, missing, gap, samples, semisupervised, zoo)  # each module's register(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

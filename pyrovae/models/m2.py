@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import PyrovaeError
 from ..nn.likelihoods import Likelihood, make_likelihood
-from ..nn.nets import _mlp, normal_head
+from ..nn.nets import mlp, normal_head
 from .vae import VAE, data_plate, register
 
 
@@ -44,7 +44,7 @@ class Classifier(nn.Module):
     def __init__(self, shape: tuple[int, ...], hidden: tuple[int, ...], n_classes: int, activation: str) -> None:
         super().__init__()
         self.event_dims = len(shape)
-        self.net = _mlp([math.prod(shape), *hidden, n_classes], activation)
+        self.net = mlp([math.prod(shape), *hidden, n_classes], activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.flatten(-self.event_dims))
@@ -73,8 +73,8 @@ class M2(VAE):
         d = math.prod(shape)
         out_shape = (likelihood.outputs_per_pixel * shape[0], *shape[1:])
         classifier = Classifier(shape, hidden, n_classes, activation)
-        encoder = _mlp([d + n_classes, *hidden, 2 * z_dim], activation)
-        decoder = _mlp([z_dim + n_classes, *reversed(hidden), math.prod(out_shape)], activation)
+        encoder = mlp([d + n_classes, *hidden, 2 * z_dim], activation)
+        decoder = mlp([z_dim + n_classes, *reversed(hidden), math.prod(out_shape)], activation)
         super().__init__(
             encoder, decoder, likelihood, z_dim, name, event_dims=len(shape), n_classes=n_classes, classifier=classifier
         )

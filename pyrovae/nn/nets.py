@@ -35,7 +35,8 @@ PRESETS: dict[str, Arch] = {
 }
 
 
-def _mlp(sizes: list[int], activation: str) -> nn.Sequential:
+def mlp(sizes: list[int], activation: str = "tanh") -> nn.Sequential:
+    """Linear layers of ``sizes`` with ``activation`` between them (none after the last)."""
     if activation not in ACTIVATIONS:
         raise PyrovaeError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
     layers: list[nn.Module] = []
@@ -59,7 +60,7 @@ class MLPEncoder(nn.Module):
         super().__init__()
         self.shape = tuple(shape)
         d = int(torch.Size(shape).numel())
-        self.net = _mlp([d, *hidden, 2 * z_dim], activation)
+        self.net = mlp([d, *hidden, 2 * z_dim], activation)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.net(x.flatten(-len(self.shape)))
@@ -73,7 +74,7 @@ class MLPDecoder(nn.Module):
         super().__init__()
         self.out_shape = (k * shape[0], *shape[1:])
         d = int(torch.Size(self.out_shape).numel())
-        self.net = _mlp([z_dim, *reversed(hidden), d], activation)
+        self.net = mlp([z_dim, *reversed(hidden), d], activation)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z).unflatten(-1, self.out_shape)

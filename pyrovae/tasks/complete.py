@@ -31,9 +31,8 @@ from ..data import Splits
 from ..errors import PyrovaeError
 from ..infer.handlers import off_rng
 from ..infer.importance import importance_draws, log_likelihood
-from ..models.masked import MaskedImageData, MaskedVAE, build_masked_vae
+from ..models.masked import MaskedImageData, MaskedVAE
 from ..reports.markdown import fmt, markdown_table
-from ..runs import arch_from_config
 
 MISSING_COLOUR = (0.85, 0.15, 0.15)  # missing pixels in the completion grid
 
@@ -190,19 +189,6 @@ def completion_grid(x: torch.Tensor, mask: torch.Tensor, completions: torch.Tens
 
 
 # ----------------------------------------------------------------------------------------- run folder
-def build_masked_model(cfg: RunConfig, splits: Splits) -> MaskedVAE:
-    """The run's masked VAE on the data's device, checked against the data's support."""
-    from ..runs import check_support, set_autocast
-
-    m = cfg.model
-    vae = build_masked_vae(
-        splits.train.shape, m.likelihood, arch_from_config(m), pixel_mean=splits.train_pixel_mean.cpu(), sigma=m.sigma
-    ).to(splits.train.device)
-    set_autocast(vae, m.autocast)  # networks in mixed precision, as in runs.build_model
-    check_support(vae, cfg, splits)
-    return vae
-
-
 def train_masked(
     cfg: RunConfig,
     out: str | Path,

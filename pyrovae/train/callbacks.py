@@ -15,18 +15,30 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import NonFiniteLoss
 from ..files import atomic_write, remove_stale_temp_files, write_json
-
-if TYPE_CHECKING:
-    from .loop import Loop
+from .state import TrainState
+from .strategy import Strategy
 
 METRIC_COLUMNS = ["epoch", "train_elbo", "val_elbo", "seconds", "beta", "lr"]
+
+
+class Loop(Protocol):
+    """What a callback sees of the epoch loop (:class:`pyrovae.train.loop.Loop` is one): declared here, so that
+    this module needs nothing from the loop's, which imports it."""
+
+    state: TrainState
+    strategy: Strategy
+    callbacks: Callback
+    stop: StopFlag
+    epochs: int
+    steps_per_epoch: int
+    resumed: bool
 
 
 class Callback:

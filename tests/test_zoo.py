@@ -1,0 +1,85 @@
+"""``pyrovae zoo`` on tiny synthetic data: the leaderboard files, resuming an interrupted zoo, one-line refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from pyrovae.cli import main
+from pyrovae.tasks.zoo import ZooOptions, orderings, run_zoo
+
+TINY = ["zoo", "--dataset", "synthetic", "--train-size", "200", "--epochs", "1", "--k", "40", "--n", "10", "--quiet"]
+
+
+def test_zoo_writes_the_leaderboard_and_adds_models(tmp_path, capsys):
+    out = tmp_path / "zoo"
+    assert main([*TINY, "--models", "gmm,vae", "--out", str(out)]) == 0
+    assert "zoo of 2 models" in capsys.readouterr().out
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert [r["model"] for r in board["rows"]] == ["vae", "gmm"]
+    for r in board["rows"]:
+        assert math.isfinite(r["log_likelihood"]) and r["log_likelihood"] >= r["elbo"]  # same K draws: Jensen
+        assert r["estimator"] == "IS, K=40" and 0 <= r["khat_bad"] <= 1 and r["parameters"] > 0
+    gmm = board["rows"][1]
+    assert gmm["log_likelihood"] == pytest.approx(gmm["elbo"], abs=1e-4)  # an empty guide: IS is exact
+    md = (out / "leaderboard.md").read_text()
+    assert "| vae |" in md and "| gmm |" in md and (out / "leaderboard.png").stat().st_size > 0
+    trained = (out / "vae" / "checkpoint.pt").stat().st_mtime_ns
+    # a second zoo in the same folder: scored rows are kept as they are, new models join the leaderboard
+    assert main([*TINY, "--models", "vae,discrete", "--out", str(out)]) == 0
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert [r["model"] for r in board["rows"]] == ["vae", "discrete", "gmm"]
+    assert (out / "vae" / "checkpoint.pt").stat().st_mtime_ns == trained
+
+
+def test_interrupted_zoo_resumes_where_it_stopped(tmp_path):
+    out = tmp_path / "zoo"
+    lines: list[str] = []
+
+    def stop_after_first_epoch(line: str) -> None:
+        lines.append(line)
+        if line.startswith("vae: epoch 1/2"):
+            raise KeyboardInterrupt
+
+    opts = ZooOptions(str(out), models="vae", dataset="synthetic", train_size=200, epochs=2, k=20, n=5,
+                      figures=False, log=stop_after_first_epoch)  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        run_zoo(opts)
+    assert not (out / "vae" / "score.json").exists() and (out / "vae" / "checkpoint.pt").exists()
+    lines.clear()
+    opts.log = lines.append
+    s = run_zoo(opts)
+    assert "vae: resuming after epoch 1" in lines and "vae: epoch 2/2, " in " ".join(lines)
+    assert not any(line.startswith("vae: epoch 1/2") for line in lines)  # epoch 1 was not trained again
+    assert s["rows"][0]["epochs"] == 2
+
+
+def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    out = tmp_path / "zoo"
+    assert main([*TINY, "--models", "vae,pythae", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown zoo model 'pythae'; choose all or some of vae" in err[0]
+    assert not out.exists()
+    assert main([*TINY, "--models", "gmm", "--out", str(out)]) == 0
+    before = (out / "leaderboard.json").read_bytes()
+    capsys.readouterr()
+    assert main([*TINY, "--models", "gmm", "--k", "41", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a zoo with k = 40, not 41" in err[0]
+    assert (out / "leaderboard.json").read_bytes() == before
+
+
+def test_orderings_compare_the_named_rows():
+    rows = [{"model": "vae", "log_likelihood": -100.0, "gap": 3.0, "points": {"log_likelihood": [-99.0, -101.0]}},
+            {"model": "flow", "log_likelihood": -99.0, "gap": 2.0},
+            {"model": "vampprior", "log_likelihood": -101.0, "gap": 1.0,
+             "points": {"log_likelihood": [-100.5, -101.5]}}]  # fmt: skip
+    checks = {c["claim"]: c for c in orderings(rows)}
+    vamp = checks["VampPrior ≥ standard prior"]
+    assert vamp["holds"] is False and vamp["difference"] == -1.0
+    assert vamp["difference_se"] == pytest.approx(0.5)  # differences -1.5 and -0.5: sd 0.707, over sqrt(2)
+    assert checks["flow guide's gap log p̂ − ELBO < diagonal Gaussian's"]["difference_se"] is None
+    assert checks["flow guide's gap log p̂ − ELBO < diagonal Gaussian's"]["holds"] is True
+    assert len(checks) == 2  # the others need rows that are not here
