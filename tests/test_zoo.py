@@ -83,3 +83,16 @@ def test_orderings_compare_the_named_rows():
     assert checks["flow guide's gap log p̂ − ELBO < diagonal Gaussian's"]["difference_se"] is None
     assert checks["flow guide's gap log p̂ − ELBO < diagonal Gaussian's"]["holds"] is True
     assert len(checks) == 2  # the others need rows that are not here
+
+
+def test_zoo_scores_by_ais_and_keeps_is_beside_it(tmp_path):
+    # --estimator ais: the VAE's row is AIS with the IS number and k̂ kept; the mixture (no continuous latent) keeps
+    # its exact IS number and its label says why AIS did not run. AIS and IS of the same images agree within a few
+    # nats on this tiny, barely trained model (both estimate the same log p; IS K=40 is biased low by its gap).
+    out = tmp_path / "zoo"
+    assert main([*TINY, "--models", "gmm,vae", "--estimator", "ais", "--out", str(out)]) == 0
+    rows = {r["model"]: r for r in json.loads((out / "leaderboard.json").read_text())["rows"]}
+    vae = rows["vae"]
+    assert vae["estimator"].startswith("AIS, ") and 0 < vae["ais_acceptance"] < 1
+    assert math.isfinite(vae["log_likelihood"]) and abs(vae["log_likelihood"] - vae["is_log_likelihood"]) < 5
+    assert "AIS refused" in rows["gmm"]["estimator"] and rows["gmm"]["estimator"].startswith("IS, K=40")
