@@ -39,6 +39,21 @@ class _Latents:
     event_dims: dict[str, int]
 
 
+def _bijection(name: str, support, guide_support) -> Callable:
+    """The map from unconstrained space to the latent's support: the model's, unwrapped where torch has no map for
+    a wrapper (a mixture's support is its components'), else the guide's; one line where none exists."""
+    for constraint in (support, getattr(support, "base_constraint", None), guide_support):
+        if constraint is None:
+            continue
+        try:
+            return biject_to(constraint)
+        except NotImplementedError:
+            continue
+    raise PyrovaeError(
+        f"AIS cannot move latent {name!r}: no map from unconstrained space to its support {support}; use --method is"
+    )
+
+
 def _latent_sites(model_tr, guide_tr) -> _Latents:
     """The continuous latents AIS moves: every sample site of the guide; refuse discrete ones and model-only ones."""
     names, transforms, event_dims = [], {}, {}
@@ -52,7 +67,7 @@ def _latent_sites(model_tr, guide_tr) -> _Latents:
             )
         support = model_tr.nodes[name]["fn"].support if name in model_tr.nodes else site["fn"].support
         names.append(name)
-        transforms[name] = biject_to(support)
+        transforms[name] = _bijection(name, support, site["fn"].support)
         event_dims[name] = site["fn"].event_dim
     for name, site in model_tr.nodes.items():
         if (
