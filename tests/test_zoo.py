@@ -80,8 +80,10 @@ def test_orderings_compare_the_named_rows():
     vamp = checks["VampPrior ≥ standard prior"]
     assert vamp["holds"] is False and vamp["difference"] == -1.0
     assert vamp["difference_se"] == pytest.approx(0.5)  # differences -1.5 and -0.5: sd 0.707, over sqrt(2)
+    assert vamp["verdict"] == "within noise"  # |-1.0| is not beyond 2 s.e.
     assert checks["flow guide's gap log p̂ − ELBO < diagonal Gaussian's"]["difference_se"] is None
     assert checks["flow guide's gap log p̂ − ELBO < diagonal Gaussian's"]["holds"] is True
+    assert checks["flow guide's gap log p̂ − ELBO < diagonal Gaussian's"]["verdict"] == "yes"  # no s.e.: the sign
     assert len(checks) == 2  # the others need rows that are not here
 
 

@@ -288,7 +288,8 @@ ORDERINGS = (  # (claim, better, worse, column, higher is better), the published
 
 def orderings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each published ordering whose two rows are present: the two numbers, whether it holds here, and the
-    standard error of their difference paired over the same test images (far smaller than either row's)."""
+    standard error of their difference paired over the same test images (far smaller than either row's); the
+    verdict is "within noise" where the difference is within 2 of those standard errors."""
     by = {r["model"]: r for r in rows}
     out = []
     for claim, a, b, col, higher in ORDERINGS:
@@ -299,8 +300,11 @@ def orderings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if pa and pb and len(pa) == len(pb) > 1:
                 d = np.asarray(pa) - np.asarray(pb)
                 se = float(d.std(ddof=1) / math.sqrt(len(d)))
+            holds = bool(va >= vb if higher else va < vb)
+            noise = se is not None and abs(va - vb) <= 2 * se  # the sign alone says nothing within 2 s.e.
             out.append({"claim": claim, "models": [a, b], "column": col, "values": [va, vb], "difference": va - vb,
-                        "difference_se": se, "holds": bool(va >= vb if higher else va < vb)})  # fmt: skip
+                        "difference_se": se, "holds": holds,
+                        "verdict": "within noise" if noise else "yes" if holds else "no"})  # fmt: skip
     return out
 
 
@@ -339,7 +343,7 @@ def write_leaderboard(out: Path, rows: list[dict[str, Any]], opts: ZooOptions, f
         *markdown_table(
             ["claim", "models", "values", "difference ± paired s.e.", "holds here"],
             [[c["claim"], " vs ".join(c["models"]), " vs ".join(fmt(v) for v in c["values"]),
-              f"{c['difference']:.2f} ± {fmt(c['difference_se'])}", "yes" if c["holds"] else "no"] for c in checks],
+              f"{c['difference']:.2f} ± {fmt(c['difference_se'])}", c["verdict"]] for c in checks],
         ),  # fmt: skip
     ]
     write_text(out / "leaderboard.md", "\n".join(lines) + "\n")
