@@ -48,7 +48,7 @@ from pyrovae.infer import make_elbo  # noqa: E402
 from pyrovae.infer.paramstore import fresh_param_store  # noqa: E402
 from pyrovae.models.vae import VAE, vae_parts  # noqa: E402
 from pyrovae.train import Callback, load_checkpoint  # noqa: E402
-from pyrovae.train.program import Program, as_args  # noqa: E402
+from pyrovae.train.program import Program  # noqa: E402
 
 try:
     from lightning_fabric import Fabric
@@ -76,8 +76,8 @@ class LossModule(nn.Module):
         super().__init__()
         self.owner, self.loss = owner, loss
 
-    def forward(self, args: tuple[torch.Tensor, ...], beta: float) -> torch.Tensor:
-        return self.loss(args, beta)
+    def forward(self, batch, beta: float) -> torch.Tensor:
+        return self.loss(batch, beta)
 
 
 class FabricLoop:
@@ -111,7 +111,7 @@ class FabricLoop:
                         raise FloatingPointError(f"non-finite loss at batch {int(flags[1])}")
                 idx = perm[b * global_batch : (b + 1) * global_batch].tensor_split(size)[rank]
                 self.optimizer.zero_grad(set_to_none=True)
-                loss = self.module(as_args(self.data.batch(idx)), 1.0)
+                loss = self.module(self.data.batch(idx), 1.0)
                 if size == 1:  # one CPU process reads each loss, as fit does
                     value = loss.item()
                     if not math.isfinite(value):

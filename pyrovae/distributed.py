@@ -439,8 +439,8 @@ class _ELBOLoss(nn.Module):
         self.owners = nn.ModuleList(owners)
         self.loss = loss
 
-    def forward(self, args: tuple[torch.Tensor, ...], beta: float) -> torch.Tensor:
-        return self.loss(args, beta)
+    def forward(self, batch, beta: float) -> torch.Tensor:
+        return self.loss(batch, beta)  # a batch as the dataset returns it (tensor, tuple or Call)
 
 
 def data_parallel(

@@ -26,6 +26,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 
+from ..data import Call, batch_length
 from ..errors import PyrovaeError
 
 PARTICLE_PLATE = "num_particles_vectorized"  # Pyro's plate of vectorised particles: never the data plate
@@ -240,12 +241,6 @@ def plan_scale(sites: list[SiteFrames], batch: int | None, num_data: int, plate:
     return DataScale(num_data, name)
 
 
-def scale_for(frames: list, batch: int | None, num_data: int, plate: str | None = None) -> DataScale | None:
-    """:func:`plan_scale` for bare plate frames (every site taken as latent)."""
-    sites = [SiteFrames("", False, False, (f,)) for f in frames]
-    return plan_scale(sites, batch, num_data, plate)
-
-
 def off_rng(device: torch.device | str):
     """Draws inside do not move torch's RNG (the CPU's, and ``device``'s if CUDA): a probe or a side computation
     leaves the draws that follow as they would be without it."""
@@ -261,13 +256,10 @@ def minibatch_scale(
     num_data: int,
     plate: str | None = None,
 ) -> DataScale | None:
-    """:func:`scale_for` from one run of the guide and the replayed model on ``args``, off the RNG."""
-    devices = [t.device for t in args if isinstance(t, torch.Tensor) and t.device.type == "cuda"]
+    """:func:`plan_scale` from one run of the guide and the replayed model on ``args``, off the RNG."""
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    devices = [t.device for t in tensors if t.device.type == "cuda"]
     with off_rng(devices[0] if devices else "cpu"), torch.no_grad():
         guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
         model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
-    return plan_scale(site_frames(model_tr, guide_tr), _batch_size((*args, *kwargs.values())), num_data, plate)
-
-
-def _batch_size(args: tuple) -> int | None:
-    return next((len(t) for t in args if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+    return plan_scale(site_frames(model_tr, guide_tr), batch_length(Call(args, kwargs)), num_data, plate)

@@ -24,11 +24,6 @@ from ..infer.handlers import DataScale, PlateRecorder, bind_num_data, find_data_
 from ..models.vae import parameters_collected
 
 
-def as_args(batch: Batch) -> tuple[torch.Tensor, ...]:
-    """The positional arguments of a batch (its keyword arguments: :func:`pyrovae.data.as_call`)."""
-    return as_call(batch)[0]
-
-
 def device_of(data: Dataset) -> torch.device:
     """The device a dataset's batches live on."""
     device = getattr(data, "device", None)
@@ -96,11 +91,10 @@ class Program:
         try:
             with pyro.validation_enabled(True), off_rng(self.device), plates:
                 names, params = _collect_params(lambda: self.loss(probe, 1.0))
-        except NotImplementedError as e:  # Pyro's way of saying an estimator cannot treat this program
-            _check_enumeration(plates.sites, estimator)
-            raise PyrovaeError(f"{type(estimator).__name__} cannot train this program: {e}") from e
-        except Exception:
+        except Exception as e:
             _check_enumeration(plates.sites, estimator)  # a site the estimator cannot treat explains the failure
+            if isinstance(e, NotImplementedError):  # Pyro's way of saying an estimator cannot treat this program
+                raise PyrovaeError(f"{type(estimator).__name__} cannot train this program: {e}") from e
             raise
         _check_enumeration(plates.sites, estimator)
         b = batch_length(probe)
