@@ -10,7 +10,7 @@ import pytest
 from pyrovae.cli import main
 from pyrovae.tasks.zoo import ZooOptions, orderings, run_zoo
 
-TINY = ["zoo", "--dataset", "synthetic", "--train-size", "200", "--epochs", "1", "--k", "40", "--n", "10", "--quiet"]
+TINY = ["zoo", "--dataset", "synthetic", "--train-size", "200", "--epochs", "1", "--k", "40", "--n", "10", "--estimator", "is", "--quiet"]
 
 
 def test_zoo_writes_the_leaderboard_and_adds_models(tmp_path, capsys):
@@ -43,7 +43,7 @@ def test_interrupted_zoo_resumes_where_it_stopped(tmp_path):
         if line.startswith("vae: epoch 1/2"):
             raise KeyboardInterrupt
 
-    opts = ZooOptions(str(out), models="vae", dataset="synthetic", train_size=200, epochs=2, k=20, n=5,
+    opts = ZooOptions(str(out), models="vae", dataset="synthetic", train_size=200, epochs=2, k=20, n=5, estimator="is",
                       figures=False, log=stop_after_first_epoch)  # fmt: skip
     with pytest.raises(KeyboardInterrupt):
         run_zoo(opts)

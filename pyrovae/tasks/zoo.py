@@ -57,7 +57,7 @@ class ZooOptions:
     k: int | None = None
     n: int | None = None
     batch_size: int = 100
-    estimator: str = "is"
+    estimator: str = "ais"
     seed: int = 0
     device: str = "cpu"
     quick: bool = False
@@ -128,7 +128,7 @@ SCORERS: dict[str, Callable[..., dict[str, Any]]] = {"is": importance_score, "ai
 
 
 def score(
-    model: Callable, guide: Callable, x: torch.Tensor, *, estimator: str = "is", k: int = 5000, **kwargs: Any
+    model: Callable, guide: Callable, x: torch.Tensor, *, estimator: str = "ais", k: int = 5000, **kwargs: Any
 ) -> dict[str, Any]:
     """The one estimate of log p(x) every zoo row gets: ``SCORERS[estimator]`` on the model/guide pair."""
     if estimator not in SCORERS:
