@@ -28,8 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=positive_int, help=f"importance samples per test image (default {FULL['k']}; "
                    f"--quick: {QUICK['k']})")  # fmt: skip
     p.add_argument("--n", type=positive_int, help=f"test images scored (default {FULL['n']}; --quick: {QUICK['n']})")
-    p.add_argument("--estimator", choices=list(SCORERS), default="ais", help="how log p(x) is estimated: ais (annealed, its default schedule; IS "
-                   "with K draws and k̂ kept beside it) or is (importance sampling alone) (default ais)")
+    p.add_argument(
+        "--estimator",
+        choices=list(SCORERS),
+        default="ais",
+        help="how log p(x) is estimated: ais (annealed, its default schedule; IS "
+        "with K draws and k̂ kept beside it) or is (importance sampling alone) (default ais)",
+    )
     p.add_argument("--quick", action="store_true", help=f"the small setting: {QUICK} (about 20 minutes on 2 cores)")
     p.add_argument("--memory-mb", type=positive_float, help="memory bound of the scoring chunks")
     add_device_option(p)
