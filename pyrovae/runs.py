@@ -5,10 +5,12 @@ rebuild the run lives there, so ``evaluate`` and ``--resume`` need nothing else.
 complete and well typed: nothing is filled from today's defaults. :data:`BUILDERS` holds, per kind, how a
 config becomes its data splits and its model; :func:`load_run` dispatches on it. A checkpoint keeps each
 trained module's ``state_dict`` under its role (``model``), so it reads back whatever the module's name.
+A zoo model's folder (``pyrovae zoo``'s ``OUT/NAME``) has the zoo's config instead: :func:`load_model` reads both.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from collections.abc import Callable
@@ -25,6 +27,7 @@ from .errors import PyrovaeError
 from .infer import check_alpha
 from .infer.paramstore import forget_module
 from .models.vae import VAE, build_vae
+from .models.zoo import ENTRIES, ZooData
 from .nn.nets import ACTIVATIONS, PRESETS, Arch
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -310,3 +313,59 @@ def load_run(run_dir: str | Path, device: str = "auto") -> tuple[RunConfig, Spli
     if getattr(module, "name", None):
         forget_module(module.name)  # the store's entries of this name are another model's
     return cfg, splits, module
+
+
+# ------------------------------------------------------------------------------------------------- zoo folders
+def zoo_splits(
+    dataset: str,
+    train_size: int | None,
+    seed: int,
+    device: torch.device,
+    data_dir: str | None = None,
+    root: str | None = None,
+    download: bool = False,
+) -> Splits:
+    """The zoo's data: dynamically binarised training images, the split and seed every zoo model shares."""
+    raw = synthetic() if dataset == "synthetic" else load_dataset(dataset, data_dir, root, download)
+    return make_splits(raw, Pixels("dynamic"), device, train_size=train_size, seed=seed)
+
+
+def build_zoo_module(name: str, splits: Splits) -> torch.nn.Module:
+    """Zoo model ``name`` as it starts training: built from the training images' shape, pixel means, first 2000
+    images (VampPrior's pseudo-inputs, the mixture's start) and number of classes."""
+    train = splits.train
+    sample = train.batch(torch.arange(min(len(train), 2000), device=train.device))
+    data = ZooData(train.shape, splits.train_pixel_mean, sample, int(train.labels.max()) + 1)
+    return ENTRIES[name].build(data).to(train.device)
+
+
+def is_zoo_folder(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` is a zoo model's folder (its config.json says kind zoo)."""
+    try:
+        cfg = json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("kind") == "zoo"
+
+
+def load_zoo_model(run_dir: str | Path, device: str = "auto") -> tuple[Splits, torch.nn.Module]:
+    """A zoo model's folder back as the zoo trained it: its data splits and its module with the trained state."""
+    cfg = json.loads((Path(run_dir) / "config.json").read_text())
+    name = cfg.get("model")
+    if name not in ENTRIES:
+        raise PyrovaeError(f"{run_dir} holds zoo model {name!r}, which this pyrovae does not know")
+    dev = resolve_device(device)
+    splits = zoo_splits(cfg["dataset"], cfg.get("train_size"), int(cfg.get("seed", 0)), dev)
+    module = build_zoo_module(name, splits)
+    load_module_state(module, Path(run_dir) / "checkpoint.pt", dev)
+    if getattr(module, "name", None):
+        forget_module(module.name)
+    return splits, module.eval()
+
+
+def load_model(run_dir: str | Path, device: str = "auto") -> tuple[Splits, torch.nn.Module]:
+    """The data splits and trained module of a run folder of any kind, a zoo model's folder included."""
+    if is_zoo_folder(run_dir):
+        return load_zoo_model(run_dir, device)
+    _, splits, module = load_run(run_dir, device)
+    return splits, module

@@ -98,7 +98,8 @@ def test_local_fit_reaches_the_posterior_and_the_gaps_are_right(linear_gaussian)
 
 def test_local_fit_from_the_prior_converges_too(linear_gaussian):
     vae, x, mean, sd, _ = linear_gaussian
-    loc, scale, result = fit_local(vae, x[:5], steps=300, lr=0.05, init=(torch.zeros(5, Z), torch.ones(5, Z)))
+    star, result = fit_local(vae, x[:5], steps=300, lr=0.05, init={"loc": torch.zeros(5, Z), "scale": torch.ones(5, Z)})
+    loc, scale = star["loc"], star["scale"]
     assert result.epochs_done == 300
     assert ((loc - mean[:5]) / sd).abs().max() < 0.2 and ((scale / sd) - 1).abs().max() < 0.10
 
@@ -156,9 +157,48 @@ def test_local_fit_trains_only_the_local_guide_and_leaves_the_vae_bit_identical(
     vae = build_vae((1, 4, 4), "gaussian-learned", Arch("mlp", (8,), "tanh", 2)).train()
     before = {n: p.detach().clone() for n, p in vae.named_parameters()}
     x = torch.rand(6, 1, 4, 4)
-    loc, scale, result = fit_local(vae, x, steps=30, lr=0.05)
+    star, result = fit_local(vae, x, steps=30, lr=0.05)
     assert set(result.params) == {"local.loc", "local.scale"}
-    assert not torch.equal(loc, vae.encoder(x)[0].detach())  # the local guide did move
+    assert not torch.equal(star["loc"], vae.encoder(x)[0].detach())  # the local guide did move
     for n, p in vae.named_parameters():
         assert torch.equal(p, before[n]) and p.requires_grad and p.grad is None, n
     assert not [w for w in recwarn if "not registered" in str(w.message)]
+
+
+class Banana(nn.Module):
+    """x | z ~ N(z_2 + z_1², 0.2²): p(z | x) is a curved ridge no diagonal Gaussian can follow."""
+
+    def forward(self, z):
+        return (z[..., 1] + z[..., 0] ** 2).reshape(*z.shape[:-1], 1, 1, 1)
+
+
+class NarrowGaussian(Likelihood):
+    def distribution(self, out):
+        return dist.Normal(out, 0.2)
+
+
+def test_flow_family_closes_the_approximation_gap_a_gaussian_cannot():
+    """On a banana-shaped posterior, q* in the flow guide's family (its weights fitted per datapoint) comes within
+    0.75 nats of the exact log p(x) on average and at least 1 nat closer than the best diagonal Gaussian.
+    log p(x) = log ∫ N(z_1; 0, 1) N(x; z_1², 1 + 0.2²) dz_1 by quadrature (exact to 1e-6); each L[q*] is the mean of
+    5000 log-weights (Monte Carlo s.e. under 0.02 nats here), so the margins are many standard errors wide."""
+    from pyrovae.infer.local import GaussianFamily, family_of
+    from pyrovae.models.flow import FlowGuideVAE
+    from pyrovae.nn.nets import MLPEncoder
+    from pyrovae.tasks.gap import score_proposal
+
+    torch.manual_seed(0)
+    vae = FlowGuideVAE(MLPEncoder((1, 1, 1), (8,), 2, "tanh"), Banana(), NarrowGaussian(), 2, flows=2, hidden=16)
+    x = torch.tensor([2.0, 1.0, 0.5, 2.5, 1.5, 3.0]).reshape(-1, 1, 1, 1)
+    z1 = torch.linspace(-8, 8, 200001, dtype=torch.float64)
+    joint = dist.Normal(0.0, 1.0).log_prob(z1) + dist.Normal(z1**2, math.sqrt(1.04)).log_prob(x.reshape(-1, 1).double())
+    exact = (torch.logsumexp(joint, -1) + math.log(float(z1[1] - z1[0]))).float()
+    gaps = {}
+    for family in (GaussianFamily(vae.encoder), family_of(vae)):
+        star, _ = fit_local(vae, x, steps=1000, lr=0.05, particles=20, family=family)
+        scored = score_proposal(vae, x, star, k=5000, family=family)
+        assert (scored["elbo"] <= exact + 4 * scored["elbo_se"]).all()  # a lower bound, within MC error
+        gaps[type(family).__name__] = float((exact - scored["elbo"]).mean())
+    assert gaps["FlowFamily"] < 0.75 and gaps["GaussianFamily"] - gaps["FlowFamily"] > 1.0, gaps
+    res = inference_gaps(vae, x, steps=1000, k=2000, lr=0.05)  # the split picks the guide's own family
+    assert res.family == "FlowFamily" and (res.elbo_qstar > res.elbo_q).all()

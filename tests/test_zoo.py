@@ -26,7 +26,19 @@ def test_zoo_writes_the_leaderboard_and_adds_models(tmp_path, capsys):
     assert gmm["log_likelihood"] == pytest.approx(gmm["elbo"], abs=1e-4)  # an empty guide: IS is exact
     md = (out / "leaderboard.md").read_text()
     assert "| vae |" in md and "| gmm |" in md and (out / "leaderboard.png").stat().st_size > 0
+    # the VAE's inference gap is split as `pyrovae gap` splits it; the two parts add up to log p̂(q*) − L[q]
+    vae = board["rows"][0]
+    assert vae["gap_family"] == "GaussianFamily" and vae["gap_n"] == 10 and "| vae | GaussianFamily | 10 |" in md
+    assert vae["amortization_gap"] > -0.5 and math.isfinite(vae["approximation_gap"])
     trained = (out / "vae" / "checkpoint.pt").stat().st_mtime_ns
+    # a zoo model's folder is a run folder for `pyrovae gap`; the mixture (no latent z) is refused in one line
+    capsys.readouterr()
+    assert main(["gap", str(out / "vae"), "--n", "3", "--steps", "5", "--k", "20", "--nuts-points", "0", "--quiet"]) == 0
+    assert json.loads((out / "vae" / "gap.json").read_text())["family"] == "GaussianFamily"
+    assert main(["gap", str(out / "gmm"), "--n", "3", "--nuts-points", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "one latent site 'z'; this model's guide samples no latent" in err[0]
+    assert not (out / "gmm" / "gap.json").exists()
     # a second zoo in the same folder: scored rows are kept as they are, new models join the leaderboard
     assert main([*TINY, "--models", "vae,discrete", "--out", str(out)]) == 0
     board = json.loads((out / "leaderboard.json").read_text())
@@ -72,19 +84,26 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys):
 
 
 def test_orderings_compare_the_named_rows():
-    rows = [{"model": "vae", "log_likelihood": -100.0, "gap": 3.0, "points": {"log_likelihood": [-99.0, -101.0]}},
-            {"model": "flow", "log_likelihood": -99.0, "gap": 2.0},
-            {"model": "vampprior", "log_likelihood": -101.0, "gap": 1.0,
-             "points": {"log_likelihood": [-100.5, -101.5]}}]  # fmt: skip
+    rows = [{"model": "vae", "log_likelihood": -100.0, "approximation_gap": 3.0,
+             "points": {"log_likelihood": [-99.0, -101.0]}, "gap_points": {"approximation_gap": [2.0, 4.0]}},
+            {"model": "flow", "log_likelihood": -99.0, "approximation_gap": 2.0,
+             "gap_points": {"approximation_gap": [1.0, 3.1]}},
+            {"model": "vampprior", "log_likelihood": -101.0,
+             "points": {"log_likelihood": [-100.5, -101.5]}},
+            {"model": "hvae", "log_likelihood": -98.0}]  # fmt: skip
     checks = {c["claim"]: c for c in orderings(rows)}
     vamp = checks["VampPrior ≥ standard prior"]
     assert vamp["holds"] is False and vamp["difference"] == -1.0
     assert vamp["difference_se"] == pytest.approx(0.5)  # differences -1.5 and -0.5: sd 0.707, over sqrt(2)
     assert vamp["verdict"] == "within noise"  # |-1.0| is not beyond 2 s.e.
-    assert checks["flow guide's gap log p̂ − ELBO < diagonal Gaussian's"]["difference_se"] is None
-    assert checks["flow guide's gap log p̂ − ELBO < diagonal Gaussian's"]["holds"] is True
-    assert checks["flow guide's gap log p̂ − ELBO < diagonal Gaussian's"]["verdict"] == "yes"  # no s.e.: the sign
-    assert len(checks) == 2  # the others need rows that are not here
+    flow = checks["flow guide's approximation gap < diagonal Gaussian's"]  # paired over the gap's own images
+    assert flow["holds"] is True and flow["difference"] == -1.0
+    assert flow["difference_se"] == pytest.approx(0.05) and flow["verdict"] == "yes"  # differences -1.0, -0.9
+    layers = checks["two stochastic layers ≥ one"]
+    assert layers["difference_se"] is None and layers["verdict"] == "yes"  # no per-image numbers: the sign alone
+    assert len(checks) == 3  # the others need rows that are not here
+    del rows[1]["approximation_gap"]  # a flow row scored before the split existed: no claim, not a wrong one
+    assert len(orderings(rows)) == 2
 
 
 def test_zoo_scores_by_ais_and_keeps_is_beside_it(tmp_path):

@@ -61,10 +61,18 @@ class MLPEncoder(nn.Module):
         self.shape = tuple(shape)
         d = int(torch.Size(shape).numel())
         self.net = mlp([d, *hidden, 2 * z_dim], activation)
+        self.features_dim = hidden[-1] if hidden else d
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last hidden layer, what the output layer reads (a flow guide's context, as in Kingma et al. 2016)."""
+        return self.net[:-1](x.flatten(-len(self.shape)))
+
+    def head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loc, scale) from the last hidden layer."""
+        return normal_head(self.net[-1](h))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.net(x.flatten(-len(self.shape)))
-        return normal_head(h)
+        return self.head(self.features(x))
 
 
 class MLPDecoder(nn.Module):
@@ -99,12 +107,20 @@ class ConvEncoder(nn.Module):
         self.conv = nn.Sequential(
             nn.Conv2d(c, channels[0], 4, 2, 1), act(), nn.Conv2d(channels[0], channels[1], 4, 2, 1), act()
         )
-        self.fc = nn.Linear(channels[1] * (h // 4) * (w // 4), 2 * z_dim)
+        self.features_dim = channels[1] * (h // 4) * (w // 4)
+        self.fc = nn.Linear(self.features_dim, 2 * z_dim)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The flattened convolution output, what the output layer reads."""
+        flat, lead = _flat_batch(x, 3)
+        return self.conv(flat).flatten(1).reshape(*lead, -1)
+
+    def head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loc, scale) from the features."""
+        return normal_head(self.fc(h))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        flat, lead = _flat_batch(x, 3)
-        h = self.fc(self.conv(flat).flatten(1)).reshape(*lead, -1)
-        return normal_head(h)
+        return self.head(self.features(x))
 
 
 class ConvDecoder(nn.Module):

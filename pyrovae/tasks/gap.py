@@ -3,9 +3,10 @@
     log p(x) - L[q]  =  (log p(x) - L[q*])  +  (L[q*] - L[q])
                         approximation gap     amortisation gap
 
-q(z|x) is the amortised encoder's Gaussian; q*(z|x) the best diagonal Gaussian for each datapoint on
-its own, fitted by SVI (``pyrovae.fit``) with the decoder frozen and one ``pyro.param`` loc/scale
-per datapoint, started at the encoder's output. log p̂(x) is importance sampled
+q(z|x) is the amortised guide; q*(z|x) the best member of the guide's family for each datapoint on its own
+(:mod:`pyrovae.infer.local`: the diagonal Gaussian, or the model's own family, e.g. the flow guide's with its
+weights per datapoint), fitted by SVI (``pyrovae.fit``) with the decoder frozen and one ``pyro.param`` row per
+datapoint and parameter, started at the encoder's choice. log p̂(x) is importance sampled
 (``pyrovae.infer.importance.log_likelihood``) with q* as proposal, L by the mean of the same K log-weights.
 For a few points, NUTS (``pyro.infer.MCMC``) samples p(z|x) itself, checked with ArviZ (R̂, ESS).
 """
@@ -17,7 +18,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,16 +26,17 @@ from typing import Any
 
 import numpy as np
 import pyro
-import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 from pyro.distributions import constraints
+from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from ..data import TensorData
 from ..errors import PyrovaeError
 from ..infer.diagnostics import pareto_khat
 from ..infer.importance import log_likelihood
+from ..infer.local import LocalFamily, family_of
 from ..infer.paramstore import fresh_param_store
 from ..models.vae import data_plate, parameters_collected
 from ..reports.inference_data import from_draws, group, make_idata, scalar_attrs, summary, write_idata
@@ -72,14 +74,20 @@ def decoder_model(vae: nn.Module) -> Callable:
     return model
 
 
-def local_guide(loc0: torch.Tensor, scale0: torch.Tensor, name: str = "local") -> Callable:
-    """q*(z | x_i) = N(loc_i, scale_i): one ``pyro.param`` row per datapoint, picked by ``idx``."""
+def local_guide(family: LocalFamily, init: Mapping[str, torch.Tensor], name: str = "local") -> Callable:
+    """q*(z | x_i) = the family's member θ_i: one ``pyro.param`` row per datapoint and parameter, picked by ``idx``."""
 
     def guide(x: torch.Tensor, idx: torch.Tensor, num_data: int | None = None) -> None:
-        loc = pyro.param(f"{name}.loc", lambda: loc0.detach().clone())
-        scale = pyro.param(f"{name}.scale", lambda: scale0.detach().clone(), constraint=constraints.positive)
+        params = {
+            key: pyro.param(
+                f"{name}.{key}",
+                lambda v=v: v.detach().clone().contiguous(),
+                constraint=family.constraints.get(key, constraints.real),
+            )[idx]
+            for key, v in init.items()
+        }
         with data_plate(x, num_data):
-            pyro.sample("z", dist.Normal(loc[idx], scale[idx]).to_event(1))
+            pyro.sample("z", family.distribution(params))
 
     return guide
 
@@ -91,24 +99,27 @@ def fit_local(
     *,
     lr: float = 0.01,
     particles: int = 10,
-    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    init: Mapping[str, torch.Tensor] | None = None,
     seed: int | None = 0,
-) -> tuple[torch.Tensor, torch.Tensor, FitResult]:
-    """Fit q*(z|x_i) for every row of ``x`` by SVI with the decoder frozen: ``steps`` full-batch Adam steps
-    (cosine-annealed ``lr``, ``particles`` vectorised draws, analytic KL), from ``init`` (default: the encoder's)."""
+    family: LocalFamily | None = None,
+) -> tuple[dict[str, torch.Tensor], FitResult]:
+    """Fit q*(z|x_i) in ``family`` (default: the VAE's own, :func:`~pyrovae.infer.local.family_of`) for every row of
+    ``x`` by SVI with the decoder frozen: ``steps`` full-batch Adam steps (cosine-annealed ``lr``, ``particles``
+    vectorised draws, the family's estimator), from ``init`` (default: the encoder's choice). Returns θ* by name."""
     if steps < 1:
         raise PyrovaeError(f"the number of SVI steps must be at least 1, got {steps}")
+    family = family or family_of(vae)
     with torch.no_grad():
-        loc0, scale0 = init if init is not None else vae.encoder(x)
+        init = dict(init) if init is not None else family.amortised(x)
     idx = torch.arange(len(x), device=x.device)
-    guide = local_guide(loc0, scale0)
     with frozen(vae), fresh_param_store():  # the per-datapoint q* stays out of the caller's param store
         result = fit(
             decoder_model(vae),
-            guide,
+            local_guide(family, init),
             TensorData(x, idx),
-            elbo="meanfield",
+            elbo=family.elbo,
             particles=particles,
+            max_plate_nesting=1,  # the data plate; the particles' plate goes left of it
             epochs=steps,
             batch_size=len(x),
             lr=lr,
@@ -116,24 +127,41 @@ def fit_local(
             seed=seed,
             quiet=True,
         )
-    return result.params["local.loc"], result.params["local.scale"], result
+    return {key: result.params[f"local.{key}"] for key in init}, result
 
 
-def proposal_guide(x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> None:
-    """q(z | x_i) = N(loc_i, scale_i), the proposal given as arguments: ``log_likelihood`` splits them by
-    datapoint like ``x``, so the encoder's q and the fitted q* go through the same sweep."""
-    with pyro.plate("data", len(x)):
-        pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+def proposal_guide(family: LocalFamily, keys: list[str]) -> Callable:
+    """q(z | x_i) = the family's member whose parameters are given as arguments, in the order of ``keys``:
+    ``log_likelihood`` splits them by datapoint like ``x``, so q and q* go through the same sweep."""
+
+    def guide(x: torch.Tensor, *values: torch.Tensor) -> None:
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", family.distribution(dict(zip(keys, values))))
+
+    return guide
 
 
 @torch.no_grad()
 def score_proposal(
-    vae: nn.Module, x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, k: int = 5000, memory_mb: float = 1024.0
+    vae: nn.Module,
+    x: torch.Tensor,
+    params: Mapping[str, torch.Tensor],
+    k: int = 5000,
+    memory_mb: float = 1024.0,
+    family: LocalFamily | None = None,
 ) -> dict[str, torch.Tensor]:
-    """With N(loc_i, scale_i) as proposal for x_i: log p̂(x_i) (log-mean-exp of K weights), the ELBO
-    (their mean), its Monte Carlo standard error sd(log w)/√K, and the weights' Pareto k̂."""
+    """With the member θ_i of ``family`` (default: the VAE's own) as proposal for x_i: log p̂(x_i) (log-mean-exp of
+    K weights), the ELBO (their mean), its Monte Carlo standard error sd(log w)/√K, and the weights' Pareto k̂."""
+    family = family or family_of(vae)
+    keys = list(params)
     log_p, lw = log_likelihood(
-        decoder_model(vae), proposal_guide, x, loc, scale, num_samples=k, memory_mb=memory_mb, return_log_weights=True
+        decoder_model(vae),
+        proposal_guide(family, keys),
+        x,
+        *(params[key] for key in keys),
+        num_samples=k,
+        memory_mb=memory_mb,
+        return_log_weights=True,
     )
     lw = lw.double()
     return {
@@ -156,12 +184,13 @@ class GapResult:
     elbo_q_se: torch.Tensor
     khat_qstar: torch.Tensor
     khat_q: torch.Tensor
-    q_loc: torch.Tensor
+    q_loc: torch.Tensor  # mean and sd of q and of q* (their loc and scale where they are Gaussian)
     q_scale: torch.Tensor
     qstar_loc: torch.Tensor
     qstar_scale: torch.Tensor
     k: int
     fit: FitResult
+    family: str = "GaussianFamily"  # the guide family q* was fitted in
 
     @property
     def approximation_gap(self) -> torch.Tensor:
@@ -170,8 +199,25 @@ class GapResult:
 
     @property
     def amortization_gap(self) -> torch.Tensor:
-        """L[q*] - L[q]: what the encoder loses against the best per-datapoint Gaussian."""
+        """L[q*] - L[q]: what the encoder loses against the best member of its family for each datapoint."""
         return self.elbo_qstar - self.elbo_q
+
+
+def _check_one_latent(vae: nn.Module, x: torch.Tensor) -> None:
+    """The split fits q* of one latent site ``z`` from the images alone: refuse, in one line, a model whose guide
+    samples other latents (two layers, discrete codes, none) or needs more than the images (labels)."""
+    with fresh_param_store(), torch.no_grad():
+        try:
+            guide = poutine.trace(vae.guide).get_trace(x[:2])
+        except TypeError as e:
+            raise PyrovaeError(f"the inference gap needs a guide that takes the images alone; this one does not ({e})") from None
+    latent = [name for name, site in guide.nodes.items() if site["type"] == "sample" and not site["is_observed"]
+              and not site_is_subsample(site)]  # fmt: skip
+    if latent != ["z"]:
+        raise PyrovaeError(
+            "the inference gap is split for a guide with one latent site 'z'; this model's guide samples "
+            + (", ".join(repr(n) for n in latent) or "no latent")
+        )
 
 
 def inference_gaps(
@@ -185,29 +231,34 @@ def inference_gaps(
     seed: int = 0,
     memory_mb: float = 1024.0,
 ) -> GapResult:
-    """Fit q* for every row of ``x``, then score q and q* with K importance samples each (see the module doc)."""
+    """Fit q* for every row of ``x`` in the guide's family, then score q and q* with K importance samples each
+    (see the module doc)."""
     vae.eval()
+    _check_one_latent(vae, x)
+    family = family_of(vae)
     with torch.no_grad():
-        q_loc, q_scale = vae.encoder(x)
-    qs_loc, qs_scale, result = fit_local(vae, x, steps, lr=lr, particles=particles, init=(q_loc, q_scale), seed=seed)
+        amortised = family.amortised(x)
+    star_params, result = fit_local(vae, x, steps, lr=lr, particles=particles, init=amortised, seed=seed, family=family)
     pyro.set_rng_seed(seed)
-    star = score_proposal(vae, x, qs_loc, qs_scale, k, memory_mb)
-    amortised = score_proposal(vae, x, q_loc, q_scale, k, memory_mb)
+    star = score_proposal(vae, x, star_params, k, memory_mb, family)
+    q = score_proposal(vae, x, amortised, k, memory_mb, family)
+    (q_loc, q_scale), (qs_loc, qs_scale) = family.moments(amortised), family.moments(star_params)
     return GapResult(
         log_p=star["log_p"],
-        log_p_q=amortised["log_p"],
+        log_p_q=q["log_p"],
         elbo_qstar=star["elbo"],
-        elbo_q=amortised["elbo"],
+        elbo_q=q["elbo"],
         elbo_qstar_se=star["elbo_se"],
-        elbo_q_se=amortised["elbo_se"],
+        elbo_q_se=q["elbo_se"],
         khat_qstar=star["khat"],
-        khat_q=amortised["khat"],
+        khat_q=q["khat"],
         q_loc=q_loc.cpu(),
         q_scale=q_scale.cpu(),
         qstar_loc=qs_loc.cpu(),
         qstar_scale=qs_scale.cpu(),
         k=k,
         fit=result,
+        family=type(family).__name__,
     )
 
 
@@ -350,7 +401,7 @@ def gap_run(
 ) -> dict[str, Any]:
     """Inference gaps of ``n`` images of a trained run and NUTS on the first ``nuts_points`` of them;
     writes gap.json, gap.md and (with NUTS) posterior.nc into the run folder; returns the summary."""
-    from ..runs import load_run
+    from ..runs import load_model
     from ..train import atomic_write, write_json
 
     if n < 1 or k < 1 or steps < 1 or nuts_points < 0:
@@ -361,13 +412,14 @@ def gap_run(
     if not run_dir.is_dir():
         raise PyrovaeError(f"no run folder {run_dir}")
     t0 = time.perf_counter()
-    cfg, splits, vae = load_run(run_dir, device)
+    splits, vae = load_model(run_dir, device)
     data = splits.test if split == "test" else splits.val
     count = min(n, len(data))
     x = data.batch(torch.arange(count, device=data.device))
     res = inference_gaps(vae, x, steps, k, lr=lr, particles=particles, seed=seed, memory_mb=memory_mb)
     mc = lambda se: float(se.double().pow(2).sum().sqrt() / len(se))  # noqa: E731  MC s.e. of a mean of points
-    summary: dict[str, Any] = {"run": str(run_dir), "split": split, "n": count, "k": k, "svi_steps": steps, "lr": lr}
+    summary: dict[str, Any] = {"run": str(run_dir), "split": split, "n": count, "k": k, "svi_steps": steps, "lr": lr,
+                               "family": res.family}  # fmt: skip
     for key, t in (
         ("log_likelihood", res.log_p),
         ("log_likelihood_q", res.log_p_q),
@@ -439,7 +491,8 @@ def _markdown(s: dict[str, Any]) -> str:
     lines = [
         f"# Inference gap of {s['run']}",
         "",
-        f"{s['n']} {s['split']} images; q* fitted per image by {s['svi_steps']} SVI steps (decoder frozen); "
+        f"{s['n']} {s['split']} images; q* fitted per image in the guide's family ({s.get('family', 'GaussianFamily')}) "
+        f"by {s['svi_steps']} SVI steps (decoder frozen); "
         f"K = {s['k']} importance samples per proposal. Nats per image, ± the standard error over images.",
         "",
         *markdown_table(
@@ -447,7 +500,7 @@ def _markdown(s: dict[str, Any]) -> str:
             [
                 ["log p̂(x), q* as proposal", pm("log_likelihood")],
                 ["log p̂(x), q as proposal", pm("log_likelihood_q")],
-                ["L[q*] (local Gaussian)", f"{pm('elbo_qstar')} (MC error {fmt(s['elbo_qstar_mc_se'], '.3f')})"],
+                ["L[q*] (best member per image)", f"{pm('elbo_qstar')} (MC error {fmt(s['elbo_qstar_mc_se'], '.3f')})"],
                 ["L[q] (amortised encoder)", f"{pm('elbo_q')} (MC error {fmt(s['elbo_q_mc_se'], '.3f')})"],
                 ["approximation gap log p̂ - L[q*]", pm("approximation_gap")],
                 ["amortisation gap L[q*] - L[q]", pm("amortization_gap")],
