@@ -30,6 +30,8 @@ def test_zoo_writes_the_leaderboard_and_adds_models(tmp_path, capsys):
     vae = board["rows"][0]
     assert vae["gap_family"] == "GaussianFamily" and vae["gap_n"] == 10 and "| vae | GaussianFamily | 10 |" in md
     assert vae["amortization_gap"] > -0.5 and math.isfinite(vae["approximation_gap"])
+    assert set(vae["seconds"]) == {"train", "score", "gap"} and set(gmm["seconds"]) == {"train", "score"}
+    assert all(v > 0 for v in vae["seconds"].values())  # each phase's wall time, for the full setting's run time
     trained = (out / "vae" / "checkpoint.pt").stat().st_mtime_ns
     # a zoo model's folder is a run folder for `pyrovae gap`; the mixture (no latent z) is refused in one line
     capsys.readouterr()

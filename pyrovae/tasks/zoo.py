@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -218,13 +219,18 @@ def _row(entry: ZooEntry, splits, folder: Path, opts: ZooOptions, say: Callable)
     say(f"{entry.name}: scoring {n} test images ({opts.estimator}, K={opts.k})")
     pyro.set_rng_seed(opts.seed)
     row = {"model": entry.name, "about": entry.about, "conditional": entry.conditional}
+    t0 = time.perf_counter()
     row.update(score(module.model, module.guide, x, estimator=opts.estimator, k=opts.k, memory_mb=opts.memory_mb,
                      **kwargs))  # fmt: skip
+    seconds = {"score": time.perf_counter() - t0}
     if entry.gap:
-        row.update(_gaps(module, x[: GAP_N], opts, say, entry.name))
+        t0 = time.perf_counter()
+        row.update(_gaps(module, x[:GAP_N], opts, say, entry.name))
+        seconds["gap"] = time.perf_counter() - t0
     history = load_training_checkpoint(folder / "checkpoint.pt")["history"]
     row["parameters"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
     row["seconds_per_epoch"] = float(np.mean([h["seconds"] for h in history])) if history else None
+    row["seconds"] = {"train": float(sum(h["seconds"] for h in history)), **seconds}  # wall time of each phase
     row["epochs"] = len(history)
     row["val_elbo"] = history[-1]["val_elbo"] if history else None
     atomic_write(folder / "samples.npy", lambda f: np.save(f, _samples(module, x, opts.seed)))
@@ -341,12 +347,12 @@ def write_leaderboard(out: Path, rows: list[dict[str, Any]], opts: ZooOptions, f
     ranked = sorted(rows, key=lambda r: (r["conditional"], -r["log_likelihood"]))
     table = markdown_table(
         ["model", "log p̂ (nats)", "± s.e.", "estimator", "k̂ > 0.7", "ELBO", "KL", "log p̂ − ELBO", "active units",
-         "parameters", "s/epoch", "about"],
+         "parameters", "s/epoch", "minutes", "about"],
         [
             [r["model"], fmt(r["log_likelihood"]) + (" (log p(x|y))" if r["conditional"] else ""),
              fmt(r["log_likelihood_sem"]), r["estimator"], fmt(r["khat_bad"], ".0%"), fmt(r["elbo"]), fmt(r["kl"]),
              fmt(r["gap"]), fmt(r["active_units"], "d"), f"{r['parameters']:,}", fmt(r["seconds_per_epoch"], ".1f"),
-             r["about"]]
+             _minutes(r), r["about"]]
             for r in ranked
         ],
     )  # fmt: skip
@@ -360,7 +366,8 @@ def write_leaderboard(out: Path, rows: list[dict[str, Any]], opts: ZooOptions, f
         *table,
         "",
         "k̂ > 0.7: share of test images whose importance weights have Pareto k̂ above 0.7 (their log p̂ is unreliable, "
-        "usually too low). log p̂ − ELBO estimates KL(q(z|x) || p(z|x)), the inference gap.",
+        "usually too low). log p̂ − ELBO estimates KL(q(z|x) || p(z|x)), the inference gap. minutes: the model's wall "
+        "time, (training + scoring [+ the gap's split]).",
         "",
         *_gap_lines(rows),
         "## Published orderings, measured here",
@@ -382,6 +389,14 @@ def write_leaderboard(out: Path, rows: list[dict[str, Any]], opts: ZooOptions, f
     write_text(out / "leaderboard.md", "\n".join(lines) + "\n")
     if figures and rows:
         _leaderboard_figure(out, ranked)
+
+
+def _minutes(row: dict[str, Any]) -> str:
+    """The row's wall time, training + scoring (+ the gap's split), in minutes."""
+    parts = row.get("seconds")
+    if not parts:
+        return "–"
+    return f"{sum(parts.values()) / 60:.1f} (" + " + ".join(f"{v / 60:.1f}" for v in parts.values()) + ")"
 
 
 def _gap_lines(rows: list[dict[str, Any]]) -> list[str]:
