@@ -12,7 +12,8 @@ param-store scopes. The estimators of per-datapoint log p(x), one per module ove
 (the importance sweep: log p(x), its draws, the ELBO's parts), ``ais.py`` (annealed importance sampling, with the
 HMC transitions of ``hmc.py``), ``bdmc.py`` (the BDMC sandwich on simulated data); ``program.py`` the one
 inspection of a program they share (data plate, local latents, particle dim, subsets), ``memory.py`` their memory
-planner, ``diagnostics.py`` k̂ and the rest.
+planner, ``diagnostics.py`` k̂ and the rest; ``local.py`` variational families with parameters per datapoint
+(where the inference gap's q* is fitted).
 """
 
 from __future__ import annotations
