@@ -22,9 +22,9 @@ import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
 from torch import nn
-from torch.distributions import Transform, constraints
+from torch.distributions import constraints
 
-from ..infer.local import LocalFamily
+from ..infer.local import ConditionalFlows, LocalFamily, PerDatapointFlows
 from .vae import VAE, data_plate, register
 
 
@@ -72,55 +72,6 @@ class FlowGuideVAE(VAE):
         return FlowFamily(self)
 
 
-class _Flows(nn.Module):
-    """The flows as one module, for ``torch.func.functional_call``: (u, h) -> (z, log |det ∂z/∂u|)."""
-
-    def __init__(self, flows: nn.ModuleList) -> None:
-        super().__init__()
-        self.flows = flows
-
-    def forward(self, u: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        log_det = u.new_zeros(u.shape[:-1])
-        for flow in self.flows:
-            t = flow.condition(h)
-            z = t(u)
-            log_det = log_det + t.log_abs_det_jacobian(u, z)
-            u = z
-        return u, log_det
-
-
-class PerDatapointFlows(Transform):
-    """The flows with their own weights and context for each datapoint: ``weights[name]`` and ``context`` have a
-    leading datapoint dim N, inputs are (..., N, D). Runs the flows' own code once per datapoint under
-    ``torch.func.vmap``; the log-determinant of a draw comes from the cache (there is no inverse)."""
-
-    domain = constraints.real_vector
-    codomain = constraints.real_vector
-    bijective = True
-
-    def __init__(self, flows: _Flows, weights: Mapping[str, torch.Tensor], context: torch.Tensor) -> None:
-        super().__init__(cache_size=1)
-        self.flows, self.weights, self.context = flows, dict(weights), context
-        self._log_det: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
-
-    def _call(self, u: torch.Tensor) -> torch.Tensor:
-        n, d = u.shape[-2:]
-        flat = u.reshape(-1, n, d)  # (M draws, N datapoints, D)
-
-        def one(w: dict[str, torch.Tensor], v: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return torch.func.functional_call(self.flows, w, (v, h))
-
-        z, log_det = torch.func.vmap(one, in_dims=(0, 1, 0), out_dims=(1, 1))(self.weights, flat, self.context)
-        self._log_det = (u, log_det.reshape(u.shape[:-1]))
-        return z.reshape(u.shape)
-
-    def log_abs_det_jacobian(self, u: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        cached_u, log_det = self._log_det
-        if u is not cached_u:
-            raise NotImplementedError("a per-datapoint flow scores only its own draws (it has no inverse)")
-        return log_det
-
-
 class FlowFamily(LocalFamily):
     """q(z | θ_i) = the flows with weights W_i and context h_i applied to N(loc_i, scale_i), every parameter local.
     Cremer et al. (2018) fit a flow's own parameters per datapoint too; with the last layers' weights at zero the
@@ -130,7 +81,7 @@ class FlowFamily(LocalFamily):
     constraints = {"scale": constraints.positive}
 
     def __init__(self, vae: FlowGuideVAE) -> None:
-        self.flows = _Flows(vae.flows)
+        self.flows = ConditionalFlows(vae.flows)
         self.encode_context = vae.encode_context
 
     def amortised(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
