@@ -9,6 +9,7 @@ says so with a ``local_family()`` method, and :func:`family_of` asks it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 
 import pyro.distributions as dist
 import torch
@@ -21,7 +22,7 @@ class LocalFamily:
     """A family of q(z | θ_i) over one latent site ``z``; θ_i is a dict of tensors with a leading datapoint dim."""
 
     elbo: str = "trace"  # how q* is fitted (``meanfield`` where the KL to the prior is analytic)
-    constraints: Mapping[str, Constraint] = {}  # parameters that are not real-valued
+    constraints: Mapping[str, Constraint] = MappingProxyType({})  # parameters that are not real-valued
 
     def amortised(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The members the amortised guide picks for the rows of ``x``."""
@@ -42,7 +43,7 @@ class GaussianFamily(LocalFamily):
     """q(z | θ_i) = N(loc_i, diag(scale_i)²), picked by an encoder x -> (loc, scale)."""
 
     elbo = "meanfield"
-    constraints = {"scale": constraints.positive}
+    constraints = MappingProxyType({"scale": constraints.positive})
 
     def __init__(self, encoder: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.encoder = encoder

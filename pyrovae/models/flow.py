@@ -16,6 +16,7 @@ what ``pyrovae gap`` fits q* in.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 
 import pyro
 import pyro.distributions as dist
@@ -78,7 +79,7 @@ class FlowFamily(LocalFamily):
     flows are the identity, so this family holds every diagonal Gaussian and its q* is at least as good."""
 
     elbo = "trace"
-    constraints = {"scale": constraints.positive}
+    constraints = MappingProxyType({"scale": constraints.positive})
 
     def __init__(self, vae: FlowGuideVAE) -> None:
         self.flows = ConditionalFlows(vae.flows)
