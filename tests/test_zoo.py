@@ -30,6 +30,12 @@ def test_zoo_writes_the_leaderboard_and_adds_models(tmp_path, capsys):
     vae = board["rows"][0]
     assert vae["gap_family"] == "GaussianFamily" and vae["gap_n"] == 10 and "| vae | GaussianFamily | 10 |" in md
     assert vae["amortization_gap"] > -0.5 and math.isfinite(vae["approximation_gap"])
+    # beside it, the same L[q*] under the row's own log p̂ of the same (first) images
+    pts = json.loads((out / "vae" / "score.json").read_text())
+    lp, gp = pts["points"]["log_likelihood"], pts["gap_points"]
+    assert len(gp["elbo_qstar"]) == len(gp["approximation_gap_by_row_estimate"]) == 10
+    for i in range(10):
+        assert gp["approximation_gap_by_row_estimate"][i] == pytest.approx(lp[i] - gp["elbo_qstar"][i], abs=1e-9)
     assert set(vae["seconds"]) == {"train", "score", "gap"} and set(gmm["seconds"]) == {"train", "score"}
     assert all(v > 0 for v in vae["seconds"].values())  # each phase's wall time, for the full setting's run time
     trained = (out / "vae" / "checkpoint.pt").stat().st_mtime_ns
