@@ -28,7 +28,7 @@ def test_zoo_writes_the_leaderboard_and_adds_models(tmp_path, capsys):
     assert "| vae |" in md and "| gmm |" in md and (out / "leaderboard.png").stat().st_size > 0
     # the VAE's inference gap is split as `pyrovae gap` splits it; the two parts add up to log p̂(q*) − L[q]
     vae = board["rows"][0]
-    assert vae["gap_family"] == "GaussianFamily" and vae["gap_n"] == 10 and "| vae | GaussianFamily | 10 |" in md
+    assert vae["gap_family"] == "GaussianFamily" and vae["gap_n"] == 10 and "| vae | GaussianFamily | 10 | 500 |" in md
     assert vae["amortization_gap"] > -0.5 and math.isfinite(vae["approximation_gap"])
     # beside it, the same L[q*] under the row's own log p̂ of the same (first) images
     pts = json.loads((out / "vae" / "score.json").read_text())

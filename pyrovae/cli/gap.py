@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         n=100,
         n_help="images (default 100)",
     )
-    g.add_argument("--steps", type=positive_int, default=500, help="SVI steps of the local fit (default 500)")
+    g.add_argument("--steps", type=positive_int, help="SVI steps of the local fit (default: the guide family's, 500 "
+                   "for a diagonal Gaussian, 2000 for the flow guide's)")  # fmt: skip
     g.add_argument("--lr", type=positive_float, default=0.01, help="Adam learning rate of the local fit (default 0.01)")
     g.add_argument("--particles", type=positive_int, default=10, help="draws per SVI step (default 10)")
     g.add_argument("--nuts-points", type=count, default=3, help="images sampled by NUTS (default 3; 0: none)")

@@ -22,6 +22,7 @@ class LocalFamily:
     """A family of q(z | θ_i) over one latent site ``z``; θ_i is a dict of tensors with a leading datapoint dim."""
 
     elbo: str = "trace"  # how q* is fitted (``meanfield`` where the KL to the prior is analytic)
+    steps: int = 500  # full-batch SVI steps that fit q* (measured to converge for the family; see bench/RESULTS.md)
     constraints: Mapping[str, Constraint] = MappingProxyType({})  # parameters that are not real-valued
 
     def amortised(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -95,7 +95,7 @@ def local_guide(family: LocalFamily, init: Mapping[str, torch.Tensor], name: str
 def fit_local(
     vae: nn.Module,
     x: torch.Tensor,
-    steps: int = 500,
+    steps: int | None = None,
     *,
     lr: float = 0.01,
     particles: int = 10,
@@ -104,11 +104,12 @@ def fit_local(
     family: LocalFamily | None = None,
 ) -> tuple[dict[str, torch.Tensor], FitResult]:
     """Fit q*(z|x_i) in ``family`` (default: the VAE's own, :func:`~pyrovae.infer.local.family_of`) for every row of
-    ``x`` by SVI with the decoder frozen: ``steps`` full-batch Adam steps (cosine-annealed ``lr``, ``particles``
+    ``x`` by SVI with the decoder frozen: ``steps`` full-batch Adam steps (default: the family's; cosine-annealed ``lr``, ``particles``
     vectorised draws, the family's estimator), from ``init`` (default: the encoder's choice). Returns θ* by name."""
+    family = family or family_of(vae)
+    steps = family.steps if steps is None else steps
     if steps < 1:
         raise PyrovaeError(f"the number of SVI steps must be at least 1, got {steps}")
-    family = family or family_of(vae)
     with torch.no_grad():
         init = dict(init) if init is not None else family.amortised(x)
     idx = torch.arange(len(x), device=x.device)
@@ -191,6 +192,7 @@ class GapResult:
     k: int
     fit: FitResult
     family: str = "GaussianFamily"  # the guide family q* was fitted in
+    steps: int = 0  # the SVI steps that fitted it
 
     @property
     def approximation_gap(self) -> torch.Tensor:
@@ -210,7 +212,9 @@ def _check_one_latent(vae: nn.Module, x: torch.Tensor) -> None:
         try:
             guide = poutine.trace(vae.guide).get_trace(x[:2])
         except TypeError as e:
-            raise PyrovaeError(f"the inference gap needs a guide that takes the images alone; this one does not ({e})") from None
+            raise PyrovaeError(
+                f"the inference gap needs a guide that takes the images alone; this one does not ({e})"
+            ) from None
     latent = [name for name, site in guide.nodes.items() if site["type"] == "sample" and not site["is_observed"]
               and not site_is_subsample(site)]  # fmt: skip
     if latent != ["z"]:
@@ -223,7 +227,7 @@ def _check_one_latent(vae: nn.Module, x: torch.Tensor) -> None:
 def inference_gaps(
     vae: nn.Module,
     x: torch.Tensor,
-    steps: int = 500,
+    steps: int | None = None,
     k: int = 5000,
     *,
     lr: float = 0.01,
@@ -259,6 +263,7 @@ def inference_gaps(
         k=k,
         fit=result,
         family=type(family).__name__,
+        steps=result.epochs_done,
     )
 
 
@@ -383,7 +388,7 @@ def _mean_sem(t: torch.Tensor) -> tuple[float, float | None]:
 def gap_run(
     run_dir: str | Path,
     n: int = 100,
-    steps: int = 500,
+    steps: int | None = None,
     k: int = 5000,
     nuts_points: int = 3,
     *,
@@ -404,7 +409,7 @@ def gap_run(
     from ..runs import load_model
     from ..train import atomic_write, write_json
 
-    if n < 1 or k < 1 or steps < 1 or nuts_points < 0:
+    if n < 1 or k < 1 or (steps is not None and steps < 1) or nuts_points < 0:
         raise PyrovaeError(f"need --n, --k, --steps >= 1 and --nuts-points >= 0; got {n}, {k}, {steps}, {nuts_points}")
     if split not in ("test", "val"):
         raise PyrovaeError(f"unknown split {split!r}; choose test or val")
@@ -418,7 +423,7 @@ def gap_run(
     x = data.batch(torch.arange(count, device=data.device))
     res = inference_gaps(vae, x, steps, k, lr=lr, particles=particles, seed=seed, memory_mb=memory_mb)
     mc = lambda se: float(se.double().pow(2).sum().sqrt() / len(se))  # noqa: E731  MC s.e. of a mean of points
-    summary: dict[str, Any] = {"run": str(run_dir), "split": split, "n": count, "k": k, "svi_steps": steps, "lr": lr,
+    summary: dict[str, Any] = {"run": str(run_dir), "split": split, "n": count, "k": k, "svi_steps": res.steps, "lr": lr,
                                "family": res.family}  # fmt: skip
     for key, t in (
         ("log_likelihood", res.log_p),
