@@ -308,11 +308,16 @@ def load_run(run_dir: str | Path, device: str = "auto") -> tuple[RunConfig, Spli
     dev = resolve_device(device)
     builder = BUILDERS[cfg.kind]
     splits = builder.splits(cfg, dev)
-    module = builder.model(cfg, splits)
-    load_module_state(module, Path(run_dir) / builder.weights, dev)
+    module = _with_trained_state(builder.model(cfg, splits), Path(run_dir) / builder.weights, dev)
+    return cfg, splits, module
+
+
+def _with_trained_state(module: torch.nn.Module, path: Path, device: torch.device) -> torch.nn.Module:
+    """``module`` with the state trained into checkpoint ``path``, its name forgotten by Pyro's param store."""
+    load_module_state(module, path, device)
     if getattr(module, "name", None):
         forget_module(module.name)  # the store's entries of this name are another model's
-    return cfg, splits, module
+    return module
 
 
 # ------------------------------------------------------------------------------------------------- zoo folders
@@ -356,10 +361,7 @@ def load_zoo_model(run_dir: str | Path, device: str = "auto") -> tuple[Splits, t
         raise PyrovaeError(f"{run_dir} holds zoo model {name!r}, which this pyrovae does not know")
     dev = resolve_device(device)
     splits = zoo_splits(cfg["dataset"], cfg.get("train_size"), int(cfg.get("seed", 0)), dev)
-    module = build_zoo_module(name, splits)
-    load_module_state(module, Path(run_dir) / "checkpoint.pt", dev)
-    if getattr(module, "name", None):
-        forget_module(module.name)
+    module = _with_trained_state(build_zoo_module(name, splits), Path(run_dir) / "checkpoint.pt", dev)
     return splits, module.eval()
 
 
